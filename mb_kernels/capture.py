@@ -1,0 +1,112 @@
+"""Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype).
+
+One backward pass per task. Before the passes every balanced parameter's ``.grad`` is set aside and
+set to None, so that autograd hands each pass's gradient over without an accumulate; after pass t the
+gradient is copied into row t of the workspace and ``.grad`` reset to None. Parameters that are not
+balanced (task towers) simply accumulate the plain sum over the passes, as ``sum(losses).backward()``
+would give them.
+
+Leak-free graph release: autograd frees a node's saved tensors only when a non-retaining pass executes
+it. Passes 0..T-2 retain the graph, so the last pass runs from *all* losses, with a zero gradient for
+losses 0..T-2 and one for loss T-1: every node executes once more without retain and its buffers are
+freed, even if the caller keeps the loss tensors. Adding exact zeros leaves every gradient bitwise
+unchanged (the only exception: a saved activation that is itself Inf/NaN turns 0 * Inf into NaN, which
+marks that step non-finite; its forward was non-finite already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._types import FlatLayout, state_dtype
+
+
+class Bucket:
+    """Balanced tensors of one param group on one (device, dtype), with their flat workspace and EMA."""
+
+    def __init__(self, params: list[torch.Tensor], num_tasks: int, norm_ema_rows: list[torch.Tensor | None]):
+        self.params = params
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.layout = FlatLayout.from_sizes([p.numel() for p in params], self.device)
+        self.num_tasks = num_tasks
+        # Workspace: row t holds task t's gradient of every tensor; allocated once, reused every step.
+        self.task_grads = torch.empty(num_tasks, self.layout.numel, dtype=self.dtype, device=self.device)
+        self.task_grad_views = [
+            [seg.view(p.shape) for seg, p in zip(row.split(self.layout.sizes), params)] for row in self.task_grads
+        ]
+        # EMA of the norms, [P, T]; the optimizer state of each parameter holds a view of its row.
+        self.norm_ema = torch.zeros(len(params), num_tasks, dtype=state_dtype(self.dtype), device=self.device)
+        for i, row in enumerate(norm_ema_rows):
+            if row is not None:
+                self.norm_ema[i].copy_(row)
+
+    def norm_ema_views(self) -> list[torch.Tensor]:
+        return list(self.norm_ema.unbind(0))
+
+    def combined_views(self, out: torch.Tensor) -> list[torch.Tensor]:
+        return [seg.view(p.shape) for seg, p in zip(out.split(self.layout.sizes), self.params)]
+
+
+def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]]) -> None:
+    """Move this pass's gradients of the balanced params into workspace row ``task``; reset ``.grad``."""
+    for bucket, bucket_reached in zip(buckets, reached):
+        grads = [p.grad for p in bucket.params]
+        rows = bucket.task_grad_views[task]
+        hit = [g is not None for g in grads]
+        for g, p in zip(grads, bucket.params):
+            if g is not None and g.layout != torch.strided:
+                raise TypeError(
+                    f"MetaBalance: a balanced parameter of shape {tuple(p.shape)} received a {g.layout} "
+                    "gradient; sparse gradients are not supported yet. Use dense gradients (for "
+                    "nn.Embedding: sparse=False) or leave that parameter out of MetaBalance."
+                )
+        if all(hit):
+            torch._foreach_copy_(rows, grads)
+        else:
+            for g, row in zip(grads, rows):
+                if g is None:
+                    row.zero_()
+                else:
+                    row.copy_(g)
+        for i, p in enumerate(bucket.params):
+            p.grad = None
+            bucket_reached[i] = bucket_reached[i] or hit[i]
+
+
+def backward_per_task(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> tuple[list, list]:
+    """Run one backward per task, filling every bucket's workspace.
+
+    Returns ``(saved_grads, reached)``: the balanced params' ``.grad`` from before the step (to be restored
+    and accumulated onto) and, per bucket, which params any task reached. On error every balanced
+    ``.grad`` is restored before the exception propagates.
+    """
+    saved = [[p.grad for p in bucket.params] for bucket in buckets]
+    reached = [[False] * len(bucket.params) for bucket in buckets]
+    for bucket in buckets:
+        for p in bucket.params:
+            p.grad = None
+    try:
+        last = len(losses) - 1
+        for task, loss in enumerate(losses):
+            if task < last:
+                torch.autograd.backward(loss, retain_graph=True)
+            elif last == 0:
+                torch.autograd.backward(loss)
+            else:
+                # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
+                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+                torch.autograd.backward(list(losses), grad_tensors=seeds)
+            _collect_pass(buckets, task, reached)
+    except BaseException:
+        restore_grads(buckets, saved)
+        raise
+    return saved, reached
+
+
+def restore_grads(buckets: Sequence[Bucket], saved: list[list[torch.Tensor | None]]) -> None:
+    for bucket, grads in zip(buckets, saved):
+        for p, g in zip(bucket.params, grads):
+            p.grad = g

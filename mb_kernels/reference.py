@@ -1,0 +1,82 @@
+r"""Pure-torch MetaBalance kernel: the semantic ground truth every fused backend is tested against.
+
+For one bucket (all balanced tensors of one device and dtype, laid out in a flat ``[T, N]`` workspace)
+and tasks t = 0..T-1 (t = 0 is the target), per tensor p (DESIGN §1, Algorithm 2 of the paper):
+
+.. math::
+    n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{accumulated in float32 or better} \\
+    m_{p,t} &\leftarrow \beta\, m_{p,t} + (1-\beta)\, n_{p,t}  && \text{only where } n_{p,t} \text{ is finite} \\
+    w_{p,t} &= \begin{cases} (m_{p,0}/m_{p,t} - 1)\, r + 1 & \text{if the strategy rescales } t \text{ and } m_{p,t} \ne 0 \\
+                             1 & \text{otherwise} \end{cases} \\
+    G_p &= g_{p,0} + \textstyle\sum_{t \ge 1} w_{p,t}\, g_{p,t}
+
+Strategy A rescales task t when m_t > m_0, B when m_t < m_0, C always. Every condition is a
+``torch.where`` on device tensors: no host synchronisation on tensor values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._types import STRATEGIES, FlatLayout, state_dtype
+
+
+def balance_weights(
+    norm_ema: torch.Tensor, relax_factor: float, strategy: str
+) -> torch.Tensor:
+    """Weights ``w[p, t]`` from the updated moving averages ``norm_ema[p, t]`` (w[:, 0] == 1)."""
+    target = norm_ema[:, :1]
+    if strategy == "A":
+        rescale = norm_ema > target
+    elif strategy == "B":
+        rescale = norm_ema < target
+    else:
+        rescale = torch.ones_like(norm_ema, dtype=torch.bool)
+    # Guard m_t == 0 (a task that never reached the tensor): w = 1, never 0/0.
+    rescale &= norm_ema != 0
+    rescale[:, 0] = False
+    safe_ema = torch.where(norm_ema != 0, norm_ema, torch.ones_like(norm_ema))
+    scaled = (target / safe_ema - 1.0) * relax_factor + 1.0
+    return torch.where(rescale, scaled, torch.ones_like(norm_ema))
+
+
+def update_norm_ema(norm_ema: torch.Tensor, norms: torch.Tensor, beta: float) -> None:
+    """In-place EMA step; a non-finite norm (NaN/Inf gradient) leaves that entry's average unchanged."""
+    updated = norm_ema * beta + norms * (1.0 - beta)
+    norm_ema.copy_(torch.where(torch.isfinite(norms), updated, norm_ema))
+
+
+def balance_torch(
+    task_grads: torch.Tensor,
+    norm_ema: torch.Tensor,
+    out: torch.Tensor,
+    layout: FlatLayout,
+    relax_factor: float,
+    beta: float,
+    strategy: str,
+    deterministic: bool = False,
+) -> None:
+    """Reference backend. ``task_grads`` [T, N] (read), ``norm_ema`` [P, T] (updated), ``out`` [N] (written).
+
+    ``deterministic`` is accepted for the common signature; this path is always run-to-run deterministic.
+    """
+    del deterministic
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    num_tasks = task_grads.shape[0]
+    if layout.num_tensors == 0:
+        return
+    acc = state_dtype(task_grads.dtype)
+    # 1. Norms n[p, t], accumulated in `acc` whatever the gradient dtype.
+    segments = task_grads.split(layout.sizes, dim=1)
+    norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=acc) for s in segments])
+    # 2. Moving averages, then 3. weights from the updated averages.
+    update_norm_ema(norm_ema, norms.to(norm_ema.dtype), beta)
+    weights = balance_weights(norm_ema, relax_factor, strategy).to(acc)
+    # 4. G = sum_t w_t g_t with w_0 = 1, computed in `acc` and rounded once into the gradient dtype.
+    sizes = torch.tensor(layout.sizes, device=task_grads.device)
+    per_element = weights.t().repeat_interleave(sizes, dim=1, output_size=layout.numel)
+    combined = task_grads[0].to(acc)
+    for t in range(1, num_tasks):
+        combined = combined + per_element[t] * task_grads[t].to(acc)
+    out.copy_(combined)
