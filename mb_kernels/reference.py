@@ -6,7 +6,7 @@ and tasks t = 0..T-1 (t = 0 is the target), per tensor p (DESIGN §1, Algorithm 
 .. math::
     n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{accumulated in float32 or better} \\
     m_{p,t} &\leftarrow \beta\, m_{p,t} + (1-\beta)\, n_{p,t}  && \text{only where } n_{p,t} \text{ is finite} \\
-    w_{p,t} &= \begin{cases} (m_{p,0}/m_{p,t} - 1)\, r + 1 & \text{if the strategy rescales } t \text{ and } m_{p,t} \ne 0 \\
+    w_{p,t} &= \begin{cases} r\, m_{p,0}/m_{p,t} + (1 - r) & \text{if the strategy rescales } t \text{ and } m_{p,t} \ne 0 \\
                              1 & \text{otherwise} \end{cases} \\
     G_p &= g_{p,0} + \textstyle\sum_{t \ge 1} w_{p,t}\, g_{p,t}
 
@@ -36,7 +36,9 @@ def balance_weights(
     rescale &= norm_ema != 0
     rescale[:, 0] = False
     safe_ema = torch.where(norm_ema != 0, norm_ema, torch.ones_like(norm_ema))
-    scaled = (target / safe_ema - 1.0) * relax_factor + 1.0
+    # (m_0/m_t - 1) r + 1 evaluated as r m_0/m_t + (1 - r): both terms are >= 0, so no cancellation
+    # when m_0/m_t << 1 (the literal form loses ~eps/w relative accuracy there).
+    scaled = (target / safe_ema) * relax_factor + (1.0 - relax_factor)
     return torch.where(rescale, scaled, torch.ones_like(norm_ema))
 
 

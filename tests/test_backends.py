@@ -1,0 +1,43 @@
+"""Every available backend against the float64 reference on the shared random matrix (tests/cases.py)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from mb_kernels.dispatch import BACKENDS, available_backends
+from tests.cases import DTYPES, HYPERS, SIZE_CASES, assert_matches_truth, random_task_grads, run_steps, truth
+
+CPU_BACKENDS = available_backends("cpu")
+STEPS = 3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("size_case", list(SIZE_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", [1, 2, 4])
+@pytest.mark.parametrize("hypers", HYPERS, ids=lambda h: f"{h[0]}-r{h[1]}-b{h[2]}")
+def test_backend_matches_reference(backend, size_case, dtype, num_tasks, hypers):
+    if backend == "triton" and (size_case == "many" or num_tasks == 2):
+        pytest.skip("the Triton interpreter is slow; tests/test_triton.py covers it on a reduced matrix")
+    strategy, relax_factor, beta = hypers
+    sizes = SIZE_CASES[size_case]
+    seed = zlib.crc32(repr((size_case, str(dtype), num_tasks, hypers)).encode()) % 10_000
+    grads = [random_task_grads(seed + step, sizes, num_tasks, dtype) for step in range(STEPS)]
+    fn = BACKENDS[backend].loader()
+    outs, ema = run_steps(fn, grads, sizes, relax_factor, beta, strategy)
+    assert_matches_truth(outs, ema, truth(grads, sizes, relax_factor, beta, strategy), num_tasks, label=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic_mode_is_bitwise_reproducible(backend):
+    sizes = SIZE_CASES["odd-mix"]
+    grads = [random_task_grads(11 + s, sizes, 4, torch.float32) for s in range(3)]
+    fn = BACKENDS[backend].loader()
+    first = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)
+    second = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)
+    for a, b in zip(first[0], second[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[1], second[1])
