@@ -11,8 +11,6 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import torch
-
 from .reference import balance_torch
 
 BalanceFn = Callable[..., None]

@@ -6,7 +6,7 @@ and tasks t = 0..T-1 (t = 0 is the target), per tensor p (DESIGN §1, Algorithm 
 .. math::
     n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{accumulated in float32 or better} \\
     m_{p,t} &\leftarrow \beta\, m_{p,t} + (1-\beta)\, n_{p,t}  && \text{only where } n_{p,t} \text{ is finite} \\
-    w_{p,t} &= \begin{cases} r\, m_{p,0}/m_{p,t} + (1 - r) & \text{if the strategy rescales } t \text{ and } m_{p,t} \ne 0 \\
+    w_{p,t} &= \begin{cases} r\, m_{p,0}/m_{p,t} + (1 - r) & \text{if } t \text{ is rescaled and } m_{p,t} \ne 0 \\
                              1 & \text{otherwise} \end{cases} \\
     G_p &= g_{p,0} + \textstyle\sum_{t \ge 1} w_{p,t}\, g_{p,t}
 
@@ -21,9 +21,7 @@ import torch
 from ._types import STRATEGIES, FlatLayout, state_dtype
 
 
-def balance_weights(
-    norm_ema: torch.Tensor, relax_factor: float, strategy: str
-) -> torch.Tensor:
+def balance_weights(norm_ema: torch.Tensor, relax_factor: float, strategy: str) -> torch.Tensor:
     """Weights ``w[p, t]`` from the updated moving averages ``norm_ema[p, t]`` (w[:, 0] == 1)."""
     target = norm_ema[:, :1]
     if strategy == "A":

@@ -9,8 +9,8 @@ so a backend is judged only on its own rounding:
 * Combined gradient: each element is a sum of T terms w_t·g_t. Its float32 evaluation errs by at most
   ~(T + 1)·eps32·Σ|w_t g_t| plus the weights' relative error (that of the norms) times the same sum; the
   result is then rounded once into the gradient dtype (half an ulp: 2^-11 for fp16, 2^-8 for bf16,
-  2^-24 for fp32 of |G|; an absolute half-spacing below the smallest normal). The bound is elementwise and scales with Σ|w_t g_t|, not |G|, so it stays
-  valid where terms cancel.
+  2^-24 for fp32 of |G|; an absolute half-spacing below the smallest normal). The bound is
+  elementwise and scales with Σ|w_t g_t|, not |G|, so it stays valid where terms cancel.
 """
 
 from __future__ import annotations
