@@ -1,0 +1,41 @@
+"""Small multi-task models shared by the optimizer tests and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyMultiTask(nn.Module):
+    """Shared bottom (embedding + MLP) and one tower per task; tower 1 also skips the MLP's last layer.
+
+    ``extra`` is a shared tensor only the auxiliaries reach (the target does not), and ``unused`` is a
+    shared tensor no task reaches: both cases the original implementation got wrong.
+    """
+
+    def __init__(self, num_tasks: int = 3, num_items: int = 50, dim: int = 8, dtype=torch.float32):
+        super().__init__()
+        self.embedding = nn.Embedding(num_items, dim, dtype=dtype)
+        self.bottom = nn.Sequential(nn.Linear(dim, 16, dtype=dtype), nn.ReLU(), nn.Linear(16, 8, dtype=dtype))
+        self.extra = nn.Parameter(torch.randn(8, dtype=dtype) * 0.1)
+        self.unused = nn.Parameter(torch.randn(3, dtype=dtype))
+        self.towers = nn.ModuleList([nn.Linear(8, 1, dtype=dtype) for _ in range(num_tasks)])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [*self.embedding.parameters(), *self.bottom.parameters(), self.extra, self.unused]
+
+    def losses(self, items: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.bottom(self.embedding(items))
+        out = []
+        for t, tower in enumerate(self.towers):
+            features = hidden if t == 0 else hidden + self.extra
+            logits = tower(features).squeeze(-1)
+            out.append(nn.functional.binary_cross_entropy_with_logits(logits, labels[:, t]))
+        return out
+
+
+def batch(seed: int, num_tasks: int = 3, size: int = 32, num_items: int = 50, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, num_items, (size,), generator=gen)
+    labels = (torch.rand(size, num_tasks, generator=gen) < 0.3).to(dtype)
+    return items, labels
