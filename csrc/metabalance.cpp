@@ -1,0 +1,293 @@
+// MetaBalance (He et al., WWW 2022, Algorithm 2) as one torch op: the schema (the contract for every device)
+// and the CPU kernel.
+//
+// For one bucket of P tensors laid out in a flat [T, N] workspace (tensor p owns columns offsets[p]..offsets[p+1]):
+//   n[p, t] = ||g[t, p-columns]||_2                  accumulated in float32 (float64 for float64 gradients)
+//   m[p, t] = beta m[p, t] + (1 - beta) n[p, t]      only where n is finite
+//   w[p, t] = r m[p, 0] / m[p, t] + (1 - r)           when the strategy rescales t and m[p, t] != 0, else 1
+//   out     = g[0] + sum_{t >= 1} w[p, t] g[t]        in float32 (float64), rounded once to the gradient dtype
+// mb_kernels/reference.py is the ground truth; DESIGN §1 explains each step.
+//
+// CPU plan (deterministic by construction, whatever the thread count):
+//   * Every squared sum is taken over fixed spans in a fixed order: kLanes independent lanes along the span, a
+//     fixed tree across lanes, and spans of one tensor added in order in float64. No result depends on which
+//     thread ran what, so `deterministic` needs no separate path.
+//   * Small tensors (<= kCpuChunk elements) are packed into bundles of about kCpuChunk elements; one task runs
+//     norm -> EMA -> weights -> combine for each tensor of its bundle while its T rows are still in L1/L2.
+//   * Large tensors are split into kCpuChunk spans: a parallel pass of squared sums per span, a short serial pass
+//     of EMA + weights per large tensor, then a parallel combine pass.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "metabalance_checks.h"
+
+// `import mb_kernels._C` loads this library, whose static initialisers register the op. The module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace mb_kernels {
+namespace {
+
+// Elements per CPU work item. T rows of it (T * 64 KiB in fp32) stay in the 1 MiB L2 between the norm and the
+// combine of a small tensor; large enough that the per-item overhead is noise.
+constexpr int64_t kCpuChunk = 16384;
+// Independent accumulators per squared sum: 32 floats = 4 AVX2 / 8 SSE registers, enough to hide add latency.
+// Fixed lanes + fixed tree give a fixed summation order the compiler can vectorise without reassociating.
+constexpr int kLanes = 32;
+// Elements per block of the combine loop: the accumulators stay in registers across the T rows.
+constexpr int kCombineBlock = 64;
+
+enum Strategy : int64_t { kStrengthenTarget = 0, kBoostWeak = 1, kBoth = 2 };  // "A", "B", "C"
+
+template <typename acc_t, typename scalar_t>
+inline acc_t load(const scalar_t* p) {
+  return static_cast<acc_t>(*p);
+}
+
+// Squared L2 norm of x[0..n) in acc_t, summed in a fixed order (lane j takes elements j, j + kLanes, ...).
+template <typename scalar_t, typename acc_t>
+acc_t sum_squares(const scalar_t* x, int64_t n) {
+  acc_t lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = acc_t(0);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t v = load<acc_t>(x + i + j);
+      lanes[j] += v * v;
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const acc_t v = load<acc_t>(x + i + j);
+    lanes[j] += v * v;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+// out[i] = g[0][i] + sum_{t>=1} w[t] g[t][i] for i in [begin, end): accumulated in acc_t, rounded once.
+// Always multiplies (never skips w == 1 or g == 0), so a non-finite g_t makes the output non-finite.
+template <typename scalar_t, typename acc_t>
+void combine(
+    const scalar_t* grads, int64_t row_stride, int64_t num_tasks, int64_t begin, int64_t end, const acc_t* w,
+    scalar_t* out) {
+  int64_t i = begin;
+  for (; i + kCombineBlock <= end; i += kCombineBlock) {
+    acc_t acc[kCombineBlock];
+    for (int j = 0; j < kCombineBlock; ++j) acc[j] = load<acc_t>(grads + i + j);
+    for (int64_t t = 1; t < num_tasks; ++t) {
+      const scalar_t* row = grads + t * row_stride + i;
+      const acc_t wt = w[t];
+      for (int j = 0; j < kCombineBlock; ++j) acc[j] += wt * load<acc_t>(row + j);
+    }
+    for (int j = 0; j < kCombineBlock; ++j) out[i + j] = static_cast<scalar_t>(acc[j]);
+  }
+  for (; i < end; ++i) {
+    acc_t acc = load<acc_t>(grads + i);
+    for (int64_t t = 1; t < num_tasks; ++t) acc += w[t] * load<acc_t>(grads + t * row_stride + i);
+    out[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename acc_t>
+struct Hyper {
+  acc_t beta, one_minus_beta, relax, one_minus_relax;
+  int64_t strategy;
+};
+
+// Steps 3 and 4 of DESIGN §1 for one tensor: EMA update from the squared norms, then weights from the updated EMA.
+template <typename acc_t>
+void update_ema_and_weights(const double* sumsq, acc_t* ema, int64_t num_tasks, const Hyper<acc_t>& h, acc_t* w) {
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const acc_t norm = static_cast<acc_t>(std::sqrt(sumsq[t]));
+    // A NaN/Inf gradient must not poison the moving average: keep the old value.
+    if (std::isfinite(norm)) ema[t] = ema[t] * h.beta + norm * h.one_minus_beta;
+  }
+  const acc_t target = ema[0];
+  w[0] = acc_t(1);
+  for (int64_t t = 1; t < num_tasks; ++t) {
+    const acc_t m = ema[t];
+    bool rescale = h.strategy == kBoth || (h.strategy == kStrengthenTarget ? m > target : m < target);
+    rescale = rescale && m != acc_t(0);  // m == 0: the task never reached the tensor; w = 1, never 0/0
+    // (m0/m - 1) r + 1 evaluated as r m0/m + (1 - r): both terms >= 0, no cancellation.
+    w[t] = rescale ? (target / m) * h.relax + h.one_minus_relax : acc_t(1);
+  }
+}
+
+// One unit of parallel work: either a bundle of whole small tensors [first_tensor, end_tensor), or one span
+// [begin, end) of large tensor `tensor` (its `large` index numbers it among the large tensors).
+struct WorkItem {
+  int64_t first_tensor, end_tensor;  // bundle (end_tensor > first_tensor), else end_tensor == -1
+  int64_t tensor, begin, end, large;  // span of a large tensor
+};
+
+struct Plan {
+  std::vector<WorkItem> bundles;
+  std::vector<WorkItem> spans;
+  std::vector<int64_t> large_tensors;  // tensor index of each large tensor
+  std::vector<int64_t> first_span;     // per large tensor: index of its first span in `spans`, plus an end marker
+};
+
+Plan make_plan(const int64_t* offsets, int64_t num_tensors) {
+  Plan plan;
+  int64_t bundle_start = 0;
+  int64_t bundle_elems = 0;
+  auto close_bundle = [&](int64_t end_tensor) {
+    if (end_tensor > bundle_start) plan.bundles.push_back({bundle_start, end_tensor, -1, 0, 0, -1});
+    bundle_start = end_tensor;
+    bundle_elems = 0;
+  };
+  for (int64_t p = 0; p < num_tensors; ++p) {
+    const int64_t begin = offsets[p];
+    const int64_t size = offsets[p + 1] - begin;
+    if (size <= kCpuChunk) {
+      bundle_elems += size;
+      if (bundle_elems >= kCpuChunk) close_bundle(p + 1);
+      continue;
+    }
+    close_bundle(p);
+    bundle_start = p + 1;
+    const int64_t large = static_cast<int64_t>(plan.large_tensors.size());
+    plan.large_tensors.push_back(p);
+    plan.first_span.push_back(static_cast<int64_t>(plan.spans.size()));
+    for (int64_t s = begin; s < begin + size; s += kCpuChunk) {
+      plan.spans.push_back({0, -1, p, s, std::min(s + kCpuChunk, begin + size), large});
+    }
+  }
+  close_bundle(num_tensors);
+  plan.first_span.push_back(static_cast<int64_t>(plan.spans.size()));
+  return plan;
+}
+
+template <typename scalar_t>
+void metabalance_cpu_typed(
+    const at::Tensor& task_grads, const int64_t* offsets, at::Tensor& norm_ema, at::Tensor& out, double relax_factor,
+    double beta, int64_t strategy) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
+  const int64_t num_tasks = task_grads.size(0);
+  const int64_t numel = task_grads.size(1);
+  const int64_t num_tensors = norm_ema.size(0);
+  const scalar_t* grads = task_grads.const_data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+  acc_t* ema = norm_ema.mutable_data_ptr<acc_t>();
+  // Hyperparameters rounded to the state dtype, as the reference's float32 tensor arithmetic does.
+  const Hyper<acc_t> hyper{
+      static_cast<acc_t>(beta), static_cast<acc_t>(1.0 - beta), static_cast<acc_t>(relax_factor),
+      static_cast<acc_t>(1.0 - relax_factor), strategy};
+
+  const Plan plan = make_plan(offsets, num_tensors);
+  const int64_t num_bundles = static_cast<int64_t>(plan.bundles.size());
+  const int64_t num_spans = static_cast<int64_t>(plan.spans.size());
+  std::vector<acc_t> partials(static_cast<size_t>(num_spans * num_tasks));
+
+  // Pass 1: whole small tensors (norm, EMA, weights, combine back to back), and squared sums of large-tensor spans.
+  at::parallel_for(0, num_bundles + num_spans, 1, [&](int64_t item_begin, int64_t item_end) {
+    std::vector<double> sumsq(num_tasks);
+    std::vector<acc_t> w(num_tasks);
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      if (item >= num_bundles) {
+        const WorkItem& span = plan.spans[item - num_bundles];
+        for (int64_t t = 0; t < num_tasks; ++t) {
+          partials[(item - num_bundles) * num_tasks + t] =
+              sum_squares<scalar_t, acc_t>(grads + t * numel + span.begin, span.end - span.begin);
+        }
+        continue;
+      }
+      const WorkItem& bundle = plan.bundles[item];
+      for (int64_t p = bundle.first_tensor; p < bundle.end_tensor; ++p) {
+        const int64_t begin = offsets[p];
+        const int64_t end = offsets[p + 1];
+        for (int64_t t = 0; t < num_tasks; ++t) {
+          sumsq[t] = static_cast<double>(sum_squares<scalar_t, acc_t>(grads + t * numel + begin, end - begin));
+        }
+        update_ema_and_weights<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, w.data());
+        combine<scalar_t, acc_t>(grads, numel, num_tasks, begin, end, w.data(), out_ptr);
+      }
+    }
+  });
+  if (num_spans == 0) return;
+
+  // Pass 2: per large tensor, its spans' squared sums added in span order, then EMA and weights.
+  const int64_t num_large = static_cast<int64_t>(plan.large_tensors.size());
+  std::vector<acc_t> weights(static_cast<size_t>(num_large * num_tasks));
+  std::vector<double> sumsq(num_tasks);
+  for (int64_t large = 0; large < num_large; ++large) {
+    for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] = 0.0;
+    for (int64_t s = plan.first_span[large]; s < plan.first_span[large + 1]; ++s) {
+      for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] += static_cast<double>(partials[s * num_tasks + t]);
+    }
+    const int64_t p = plan.large_tensors[large];
+    update_ema_and_weights<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, weights.data() + large * num_tasks);
+  }
+
+  // Pass 3: combine the large tensors' spans.
+  at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
+    for (int64_t s = span_begin; s < span_end; ++s) {
+      const WorkItem& span = plan.spans[s];
+      combine<scalar_t, acc_t>(
+          grads, numel, num_tasks, span.begin, span.end, weights.data() + span.large * num_tasks, out_ptr);
+    }
+  });
+}
+
+// Host-side validation of the boundaries (cheap: P + 1 reads), so that a bad layout raises instead of reading
+// out of bounds.
+void check_offsets_values(const int64_t* offsets, int64_t num_tensors, int64_t numel) {
+  TORCH_CHECK(offsets[0] == 0, "mb_kernels::metabalance_: offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t p = 0; p < num_tensors; ++p) {
+    TORCH_CHECK(
+        offsets[p + 1] >= offsets[p], "mb_kernels::metabalance_: offsets must be non-decreasing; offsets[", p + 1,
+        "] = ", offsets[p + 1], " < offsets[", p, "] = ", offsets[p]);
+  }
+  TORCH_CHECK(
+      offsets[num_tensors] == numel, "mb_kernels::metabalance_: offsets[-1] = ", offsets[num_tensors],
+      " must equal task_grads.size(1) = ", numel);
+}
+
+void metabalance_cpu(
+    const at::Tensor& task_grads, const at::Tensor& offsets, const std::optional<at::Tensor>& chunks,
+    at::Tensor norm_ema, at::Tensor out, double relax_factor, double beta, int64_t strategy, bool deterministic) {
+  // `chunks` is the CUDA kernels' work table; the CPU kernel plans its own work from the offsets. The CPU kernel is
+  // always bitwise deterministic, so `deterministic` selects nothing here.
+  (void)chunks;
+  (void)deterministic;
+  check_metabalance_args(task_grads, offsets, norm_ema, out, strategy);
+  const int64_t num_tensors = offsets.size(0) - 1;
+  const int64_t* offsets_ptr = offsets.const_data_ptr<int64_t>();
+  check_offsets_values(offsets_ptr, num_tensors, task_grads.size(1));
+  if (num_tensors == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, task_grads.scalar_type(), "metabalance_cpu", [&] {
+    metabalance_cpu_typed<scalar_t>(task_grads, offsets_ptr, norm_ema, out, relax_factor, beta, strategy);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mb_kernels, m) {
+  // task_grads [T, N] per-task gradients (read); offsets [P + 1] int64 tensor boundaries on the data's device;
+  // chunks: CUDA work table from mb_kernels.ops (None on CPU); norm_ema [P, T] moving averages (updated);
+  // out [N] combined gradient (written); strategy 0/1/2 = "A"/"B"/"C".
+  m.def(
+      "metabalance_(Tensor task_grads, Tensor offsets, Tensor? chunks, Tensor(a!) norm_ema, Tensor(b!) out, "
+      "float relax_factor, float beta, int strategy, bool deterministic) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mb_kernels, CPU, m) {
+  m.impl("metabalance_", &metabalance_cpu);
+}
+
+}  // namespace mb_kernels
