@@ -1,0 +1,168 @@
+"""The two Triton kernels of the MetaBalance step (launchers and math: :mod:`mb_kernels.triton_backend`).
+
+Both kernels take one *chunk* per program: a run of columns ``[start, stop)`` of the flat ``[T, N]``
+workspace that lies inside one tensor p. The chunk table (``chunk_ptr``, ``[C, 3]`` int64: p, start, stop)
+and ``first_ptr`` (``[P + 1]`` int64: the first chunk of each tensor, with a final C) are built once per
+layout on the host. Every tensor owns at least one chunk, even an empty one (start == stop).
+
+Importing this module needs Triton; :mod:`mb_kernels.triton_backend` turns its absence into a clear error.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_columns(chunk_ptr, c, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor, start, stop) of chunk ``c``. ALIGNED: every boundary is a multiple of VEC elements (16 bytes),
+    which the host checked; the hint lets the compiler emit 16-byte loads and stores with uniform masks."""
+    p = tl.load(chunk_ptr + c * 3)
+    start = tl.load(chunk_ptr + c * 3 + 1)
+    stop = tl.load(chunk_ptr + c * 3 + 2)
+    if ALIGNED:
+        start = tl.multiple_of(start, VEC)
+        stop = tl.multiple_of(stop, VEC)
+    return p, start, stop
+
+
+@triton.jit
+def _block_columns(start, i, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Columns of the i-th BLOCK of a chunk: contiguous, and VEC-aligned on the aligned path."""
+    cols = start + i * BLOCK + tl.arange(0, BLOCK)
+    if ALIGNED:
+        cols = tl.max_contiguous(tl.multiple_of(cols, VEC), BLOCK)
+    return cols
+
+
+@triton.jit
+def _round_to_bf16_bits(x):
+    """float32 -> bfloat16, round to nearest even, by integer arithmetic on the bits. Only for the Triton
+    interpreter, whose float32 -> bfloat16 cast truncates (Triton 3.9); compiled code uses the native cvt.rn."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN (its mantissa could carry into the sign)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def metabalance_norms_kernel(
+    grads_ptr,  # [T, N] task gradients, row-major (read)
+    ema_ptr,  # [P, T] moving averages before this step (read: each tensor's first chunk copies its row)
+    ema_old_ptr,  # [P, T] scratch: launch 2 reads the pre-step averages from here (written here, once per row)
+    partials_ptr,  # [C, T_BLOCK] per-chunk, per-task sums of squares (written: row c by program c only)
+    chunk_ptr,  # [C, 3] int64 chunk table: tensor, start column, stop column
+    first_ptr,  # [P + 1] int64: first chunk of each tensor
+    row_units,  # N // VEC: row t starts at t * row_units * VEC (a product the compiler knows is VEC-aligned)
+    num_tasks,  # T
+    BLOCK: tl.constexpr,  # columns per inner step
+    T_BLOCK: tl.constexpr,  # T rounded up to a power of two (rows >= T are masked)
+    VEC: tl.constexpr,  # elements per 16 bytes on the aligned path, 1 otherwise
+    ALIGNED: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 gradients
+):
+    """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (paper Alg. 2: the norms ||g_t||)."""
+    c = tl.program_id(0)
+    p, start, stop = _chunk_columns(chunk_ptr, c, VEC, ALIGNED)
+    tasks = tl.arange(0, T_BLOCK)
+    task_mask = tasks < num_tasks
+    # Snapshot of the pre-step EMA for launch 2 (see triton_backend's note on races): one program per tensor.
+    # (A vector compare, not `task_mask & scalar_bool`: the interpreter of Triton 3.9 turns that into int32.)
+    row_mask = tasks < tl.where(tl.load(first_ptr + p) == c, num_tasks, 0)
+    old = tl.load(ema_ptr + p * num_tasks + tasks, mask=row_mask, other=0.0)
+    tl.store(ema_old_ptr + p * num_tasks + tasks, old, mask=row_mask)
+
+    rows = tasks.to(tl.int64) * row_units * VEC
+    acc = tl.zeros([T_BLOCK, BLOCK], dtype=ACC)
+    for i in range(0, tl.cdiv(stop - start, BLOCK)):
+        cols = _block_columns(start, i, BLOCK, VEC, ALIGNED)
+        mask = task_mask[:, None] & (cols < stop)[None, :]
+        g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+        acc += g * g
+    # Rows t >= T sum masked zeros: the whole padded row is stored, so launch 2 reads no garbage.
+    tl.store(partials_ptr + c * T_BLOCK + tl.arange(0, T_BLOCK), tl.sum(acc, axis=1))
+
+
+@triton.jit
+def metabalance_combine_kernel(
+    grads_ptr,  # [T, N] task gradients (read)
+    out_ptr,  # [N] combined gradient G in the gradient dtype (written: chunk c's columns by program c only)
+    ema_ptr,  # [P, T] moving averages (written only: row p by the first chunk of tensor p)
+    ema_old_ptr,  # [P, T] pre-step moving averages from launch 1 (read only)
+    partials_ptr,  # [C, T_BLOCK] per-chunk sums of squares from launch 1 (read only)
+    chunk_ptr,  # [C, 3] int64 chunk table: tensor, start column, stop column
+    first_ptr,  # [P + 1] int64: first chunk of each tensor
+    row_units,  # N // VEC
+    num_tasks,  # T
+    relax,  # r
+    one_minus_relax,  # 1 - r, rounded once on the host
+    beta,  # EMA factor
+    one_minus_beta,  # 1 - beta, rounded once on the host
+    BLOCK: tl.constexpr,
+    T_BLOCK: tl.constexpr,
+    R_BLOCK: tl.constexpr,  # partial rows summed per step
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    STRATEGY: tl.constexpr,  # index into _types.STRATEGIES: 0 = "A", 1 = "B", 2 = "C"
+    ACC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,  # round to bfloat16 by integer arithmetic (interpreter only, see _round_to_bf16_bits)
+):
+    """Launch 2: n = sqrt(sum of the tensor's partials), EMA update, weights, and G for chunk c."""
+    c = tl.program_id(0)
+    p, start, stop = _chunk_columns(chunk_ptr, c, VEC, ALIGNED)
+    first = tl.load(first_ptr + p)
+    last = tl.load(first_ptr + p + 1)
+    tasks = tl.arange(0, T_BLOCK)
+    task_mask = tasks < num_tasks
+
+    # 1. n[p, t]: every program of tensor p sums the same partial rows in the same order, so all of them
+    #    (and every run) get bitwise the same norms and weights.
+    sq = tl.zeros([R_BLOCK, T_BLOCK], dtype=ACC)
+    for j0 in range(first, last, R_BLOCK):
+        js = j0 + tl.arange(0, R_BLOCK)
+        sq += tl.load(partials_ptr + js[:, None] * T_BLOCK + tasks[None, :], mask=(js < last)[:, None], other=0.0)
+    sum_sq = tl.sum(sq, axis=0)
+    if ACC == tl.float32:
+        norms = tl.sqrt_rn(sum_sq)
+    else:
+        norms = tl.sqrt(sum_sq)
+
+    # 2. m <- beta m + (1 - beta) n, only where n is finite (n >= 0, so `n < inf` is false exactly for Inf/NaN).
+    old = tl.load(ema_old_ptr + p * num_tasks + tasks, mask=task_mask, other=0.0).to(ACC)
+    ema = tl.where(norms < float("inf"), old * beta + norms * one_minus_beta, old)
+    tl.store(
+        ema_ptr + p * num_tasks + tasks,
+        ema.to(ema_ptr.dtype.element_ty),
+        mask=tasks < tl.where(c == first, num_tasks, 0),
+    )
+
+    # 3. w_t = r m_0/m_t + (1 - r) where the strategy rescales t and m_t != 0, else 1 (w_0 = 1).
+    target = tl.sum(tl.where(tasks == 0, ema, 0.0), axis=0)
+    if STRATEGY == 0:
+        rescale = ema > target
+    elif STRATEGY == 1:
+        rescale = ema < target
+    else:
+        rescale = tasks >= 0
+    rescale = rescale & (ema != 0.0) & (tasks > 0) & task_mask
+    safe = tl.where(ema != 0.0, ema, 1.0)
+    if ACC == tl.float32:
+        ratio = tl.math.div_rn(tl.zeros_like(safe) + target, safe)
+    else:
+        ratio = target / safe
+    weights = tl.where(rescale, ratio * relax + one_minus_relax, 1.0)
+
+    # 4. G = g_0 + sum_t w_t g_t in ACC, rounded once into the gradient dtype. A non-finite g_t stays
+    #    non-finite (w_t is finite), so GradScaler sees the overflow.
+    rows = tasks.to(tl.int64) * row_units * VEC
+    for i in range(0, tl.cdiv(stop - start, BLOCK)):
+        cols = _block_columns(start, i, BLOCK, VEC, ALIGNED)
+        col_mask = cols < stop
+        g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=task_mask[:, None] & col_mask[None, :], other=0.0)
+        combined = tl.sum(g.to(ACC) * weights[:, None], axis=0)
+        if SOFT_BF16:
+            rounded = _round_to_bf16_bits(combined)
+        else:
+            rounded = combined.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + cols, rounded, mask=col_mask)
