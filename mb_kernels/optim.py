@@ -10,6 +10,7 @@ import torch
 from ._types import STRATEGIES, SUPPORTED_DTYPES, state_dtype
 from .capture import Bucket, backward_per_task, restore_grads
 from .dispatch import resolve_backends
+from .distributed import DistributedSync
 from .reference import balance_weights
 
 _STATE_KEY = "norm_ema"
@@ -40,6 +41,15 @@ class MetaBalance(torch.optim.Optimizer):
             pure-torch reference; True raises if no fused kernel serves the device; False forces the reference.
         backend: force one implementation: "torch", "cpu", "cuda" or "triton" (tests, benchmarks).
         deterministic: use the fused kernels' bitwise-reproducible variant (no atomics).
+        skip_nonfinite_steps: with ``torch.amp.GradScaler``, set True: a step whose combined gradient is
+            non-finite anywhere (the scaler will skip it) leaves every moving average unchanged. Without it,
+            only the (tensor, task) pairs whose gradient is non-finite keep their average. Costs one extra
+            read of the combined gradient per step.
+        ddp_module: the ``DistributedDataParallel`` wrapper of the model, when training with DDP; the
+            per-task gradients are then global (see :mod:`mb_kernels.distributed`). Under DDP the kernels
+            run in deterministic mode so that every rank computes bitwise the same weights.
+        ddp_mode: "exact" (all-reduce the per-task gradients) or "low_comm" (all-reduce norms and the
+            combined gradient only; approximate weights).
 
     Example::
 
@@ -58,13 +68,21 @@ class MetaBalance(torch.optim.Optimizer):
         fused: bool | None = None,
         backend: str | None = None,
         deterministic: bool = False,
+        skip_nonfinite_steps: bool = False,
+        ddp_module: torch.nn.Module | None = None,
+        ddp_mode: str = "exact",
     ) -> None:
+        self._skip_nonfinite_steps = skip_nonfinite_steps
         self._fused = fused
         self._backend_request = backend
         self._backends: dict[str, tuple[str, Any]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy, deterministic=deterministic)
         super().__init__(params, defaults)
+        self._ddp: DistributedSync | None = None
+        if ddp_module is not None:
+            balanced = [p for group in self.param_groups for p in group["params"]]
+            self._ddp = DistributedSync(ddp_module, ddp_mode, balanced)
 
     # ---- construction and validation -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -189,22 +207,29 @@ class MetaBalance(torch.optim.Optimizer):
         if self._buckets is None or self._buckets[0][1].num_tasks != num_tasks:
             self._buckets = self._build_buckets(num_tasks)
         buckets = [bucket for _, bucket in self._buckets]
-        saved, reached = backward_per_task(losses, buckets)
+        ddp = self._ddp
+        saved, reached = backward_per_task(losses, buckets, ddp.pass_context if ddp else None)
         restore_grads(buckets, saved)
         with torch.no_grad():
-            for (group, bucket), prior, hit in zip(self._buckets, saved, reached):
-                _, balance = self._backends[bucket.device.type]
+            if ddp is not None:
+                ddp.reduce_others()
+            previous_ema = [bucket.norm_ema.clone() for bucket in buckets] if self._skip_nonfinite_steps else None
+            outputs = []
+            for group, bucket in self._buckets:
                 combined = torch.empty(bucket.layout.numel, dtype=bucket.dtype, device=bucket.device)
-                balance(
-                    bucket.task_grads,
-                    bucket.norm_ema,
-                    combined,
-                    bucket.layout,
-                    group["relax_factor"],
-                    group["beta"],
-                    group["strategy"],
-                    group["deterministic"],
-                )
+                hypers = (group["relax_factor"], group["beta"], group["strategy"])
+                if ddp is not None and ddp.mode == "low_comm":
+                    ddp.balance_low_comm(bucket, combined, *hypers)
+                else:
+                    if ddp is not None:
+                        ddp.reduce_task_grads(bucket.task_grads)
+                    _, balance = self._backends[bucket.device.type]
+                    deterministic = group["deterministic"] or ddp is not None
+                    balance(bucket.task_grads, bucket.norm_ema, combined, bucket.layout, *hypers, deterministic)
+                outputs.append(combined)
+            if previous_ema is not None:
+                _revert_ema_if_nonfinite(buckets, outputs, previous_ema)
+            for bucket, combined, prior, hit in zip(buckets, outputs, saved, reached):
                 _add_combined(bucket, combined, prior, hit)
 
     # ---- diagnostics ---------------------------------------------------------------------------------
@@ -222,6 +247,21 @@ class MetaBalance(torch.optim.Optimizer):
             for i, p in enumerate(bucket.params):
                 rows.append({"param": p, "norm_ema": bucket.norm_ema[i].clone(), "weights": weights[i].clone()})
         return rows
+
+
+def _revert_ema_if_nonfinite(buckets: list[Bucket], outputs: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
+    """Restore every moving average when any combined gradient is non-finite (no host synchronisation)."""
+    # A float32 sum is non-finite iff an element is (finite gradients would need |g| ~ 1e38 to overflow it).
+    finite = [torch.isfinite(out.sum(dtype=torch.float32)) for out in outputs]
+    by_device: dict[torch.device, torch.Tensor] = {}
+    for bucket, ok in zip(buckets, finite):
+        by_device[bucket.device] = ok if bucket.device not in by_device else by_device[bucket.device] & ok
+    all_finite = None
+    for ok in by_device.values():
+        ok = ok.to(buckets[0].device)
+        all_finite = ok if all_finite is None else all_finite & ok
+    for bucket, old in zip(buckets, previous):
+        bucket.norm_ema.copy_(torch.where(all_finite.to(bucket.device), bucket.norm_ema, old))
 
 
 def _add_combined(bucket: Bucket, combined: torch.Tensor, prior: list, reached: list[bool]) -> None:

@@ -46,6 +46,28 @@ def update_norm_ema(norm_ema: torch.Tensor, norms: torch.Tensor, beta: float) ->
     norm_ema.copy_(torch.where(torch.isfinite(norms), updated, norm_ema))
 
 
+def tensor_norms(task_grads: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+    """n[p, t] = ||g_{p,t}||_2 over the flat workspace, accumulated in float32 (float64 for float64 grads)."""
+    acc = state_dtype(task_grads.dtype)
+    if layout.num_tensors == 0:
+        return torch.zeros(0, task_grads.shape[0], dtype=acc, device=task_grads.device)
+    segments = task_grads.split(layout.sizes, dim=1)
+    return torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=acc) for s in segments])
+
+
+def combine(task_grads: torch.Tensor, weights: torch.Tensor, layout: FlatLayout, out: torch.Tensor) -> None:
+    """out = sum_t w[p, t] g_{p,t} (w_0 = 1), computed in the accumulation dtype and rounded once."""
+    if layout.num_tensors == 0:
+        return
+    acc = state_dtype(task_grads.dtype)
+    sizes = torch.tensor(layout.sizes, device=task_grads.device)
+    per_element = weights.to(acc).t().repeat_interleave(sizes, dim=1, output_size=layout.numel)
+    combined = task_grads[0].to(acc)
+    for t in range(1, task_grads.shape[0]):
+        combined = combined + per_element[t] * task_grads[t].to(acc)
+    out.copy_(combined)
+
+
 def balance_torch(
     task_grads: torch.Tensor,
     norm_ema: torch.Tensor,
@@ -63,20 +85,6 @@ def balance_torch(
     del deterministic
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    num_tasks = task_grads.shape[0]
-    if layout.num_tensors == 0:
-        return
-    acc = state_dtype(task_grads.dtype)
-    # 1. Norms n[p, t], accumulated in `acc` whatever the gradient dtype.
-    segments = task_grads.split(layout.sizes, dim=1)
-    norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=acc) for s in segments])
-    # 2. Moving averages, then 3. weights from the updated averages.
+    norms = tensor_norms(task_grads, layout)
     update_norm_ema(norm_ema, norms.to(norm_ema.dtype), beta)
-    weights = balance_weights(norm_ema, relax_factor, strategy).to(acc)
-    # 4. G = sum_t w_t g_t with w_0 = 1, computed in `acc` and rounded once into the gradient dtype.
-    sizes = torch.tensor(layout.sizes, device=task_grads.device)
-    per_element = weights.t().repeat_interleave(sizes, dim=1, output_size=layout.numel)
-    combined = task_grads[0].to(acc)
-    for t in range(1, num_tasks):
-        combined = combined + per_element[t] * task_grads[t].to(acc)
-    out.copy_(combined)
+    combine(task_grads, balance_weights(norm_ema, relax_factor, strategy), layout, out)

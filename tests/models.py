@@ -24,6 +24,9 @@ class TinyMultiTask(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.embedding.parameters(), *self.bottom.parameters(), self.extra, self.unused]
 
+    def forward(self, items: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return self.losses(items, labels)
+
     def losses(self, items: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         hidden = self.bottom(self.embedding(items))
         out = []

@@ -1,0 +1,92 @@
+"""MetaBalance under DistributedDataParallel: global per-task gradients with few collectives.
+
+DDP all-reduces gradients in the backward pass, but MetaBalance needs each task's gradient separately.
+Two modes (``MetaBalance(..., ddp_module=model, ddp_mode=...)``):
+
+``"exact"`` (default). Passes 0..T-2 run under ``no_sync()``; the last pass runs synced, so DDP's own reducer
+averages the towers' accumulated gradients and row T-1 of the workspace as usual. Rows 0..T-2 (contiguous in
+the ``[T, N]`` workspace) are then averaged in one ``all_reduce`` per bucket. Every rank then holds the
+global per-task gradients and runs the same deterministic kernel on them: the result equals single-process
+training on the concatenated batch, and the moving averages stay identical on every rank.
+
+``"low_comm"``. Every pass runs under ``no_sync()``. Each rank computes its local norms; one ``all_reduce``
+of the ``[P, T]`` norms gives every rank the *mean of the per-rank norms*, from which the (identical)
+moving averages and weights follow; each rank combines its local gradients with those weights and one
+``all_reduce`` averages the combined gradient. Because the weights are the same on every rank, the averaged
+result is exactly ``sum_t w_t * mean_rank(g_t)``; the approximation is in the weights only: the mean of the
+per-rank norms replaces the norm of the mean gradient (an upper bound, equal when the ranks' gradients are
+parallel; per-rank noise inflates every task's norm, so small batches per rank bias the ratios toward 1).
+Communication: ``P*T + N + towers`` values instead of ``T*N + towers``. This mode computes with the
+pure-torch reference functions (it needs the norms between the two kernel phases).
+
+With NCCL on GPUs nothing changes: the collectives run on the process group of ``ddp_module``; keep one
+process per GPU and construct MetaBalance after wrapping the model in DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .reference import balance_weights, combine, tensor_norms, update_norm_ema
+
+DDP_MODES = ("exact", "low_comm")
+
+
+class DistributedSync:
+    """What MetaBalance does differently under DDP: which passes sync, and the extra collectives."""
+
+    def __init__(self, module: torch.nn.Module, mode: str, balanced: Sequence[torch.Tensor]):
+        if mode not in DDP_MODES:
+            raise ValueError(f"MetaBalance: ddp_mode must be one of {DDP_MODES}, got {mode!r}")
+        if not hasattr(module, "no_sync"):
+            raise TypeError(
+                "MetaBalance: ddp_module must be the torch.nn.parallel.DistributedDataParallel wrapper "
+                f"(it needs .no_sync()), got {type(module).__name__}"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("MetaBalance: ddp_module given but torch.distributed is not initialised")
+        self.module = module
+        self.mode = mode
+        self.group = getattr(module, "process_group", None)
+        self.world_size = dist.get_world_size(self.group)
+        balanced_ids = {id(p) for p in balanced}
+        self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in balanced_ids]
+
+    def pass_context(self, task: int, num_tasks: int):
+        """no_sync() for every pass except, in exact mode, the last one."""
+        if self.mode == "exact" and task == num_tasks - 1:
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def _mean(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        tensor.div_(self.world_size)
+
+    def reduce_task_grads(self, task_grads: torch.Tensor) -> None:
+        """Exact mode: average rows 0..T-2 (row T-1 was averaged by DDP in the synced pass)."""
+        if self.mode == "exact" and task_grads.shape[0] > 1:
+            self._mean(task_grads[:-1])
+
+    def reduce_others(self) -> None:
+        """Low-comm mode: average the non-balanced parameters' gradients in one collective."""
+        if self.mode != "low_comm" or not self.others:
+            return
+        for p in self.others:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.others]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._mean(flat)
+        torch._foreach_copy_(grads, [seg.view_as(g) for seg, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def balance_low_comm(self, bucket, out: torch.Tensor, relax_factor: float, beta: float, strategy: str) -> None:
+        """Low-comm mode kernel path: local norms -> all-reduced mean -> EMA and weights -> local combine -> mean."""
+        norms = tensor_norms(bucket.task_grads, bucket.layout).to(bucket.norm_ema.dtype)
+        self._mean(norms)
+        update_norm_ema(bucket.norm_ema, norms, beta)
+        combine(bucket.task_grads, balance_weights(bucket.norm_ema, relax_factor, strategy), bucket.layout, out)
+        self._mean(out)
