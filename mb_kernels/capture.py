@@ -16,9 +16,7 @@ marks that step non-finite; its forward was non-finite already).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 
 import torch
 
@@ -78,14 +76,8 @@ def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]
             bucket_reached[i] = bucket_reached[i] or hit[i]
 
 
-def backward_per_task(
-    losses: Sequence[torch.Tensor],
-    buckets: Sequence[Bucket],
-    pass_context: Callable[[int, int], AbstractContextManager] | None = None,
-) -> tuple[list, list]:
+def backward_per_task(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> tuple[list, list]:
     """Run one backward per task, filling every bucket's workspace.
-
-    ``pass_context(task, num_tasks)``, if given, wraps each pass (DDP's ``no_sync()``; see distributed.py).
 
     Returns ``(saved_grads, reached)``: the balanced params' ``.grad`` from before the step (to be restored
     and accumulated onto) and, per bucket, which params any task reached. On error every balanced
@@ -99,15 +91,14 @@ def backward_per_task(
     try:
         last = len(losses) - 1
         for task, loss in enumerate(losses):
-            with pass_context(task, len(losses)) if pass_context else contextlib.nullcontext():
-                if task < last:
-                    torch.autograd.backward(loss, retain_graph=True)
-                elif last == 0:
-                    torch.autograd.backward(loss)
-                else:
-                    # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
-                    seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
-                    torch.autograd.backward(list(losses), grad_tensors=seeds)
+            if task < last:
+                torch.autograd.backward(loss, retain_graph=True)
+            elif last == 0:
+                torch.autograd.backward(loss)
+            else:
+                # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
+                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+                torch.autograd.backward(list(losses), grad_tensors=seeds)
             _collect_pass(buckets, task, reached)
     except BaseException:
         restore_grads(buckets, saved)

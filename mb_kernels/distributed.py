@@ -1,31 +1,35 @@
 """MetaBalance under DistributedDataParallel: global per-task gradients with few collectives.
 
-DDP all-reduces gradients in the backward pass, but MetaBalance needs each task's gradient separately.
-Two modes (``MetaBalance(..., ddp_module=model, ddp_mode=...)``):
+DDP's reducer expects one backward per forward and averages whatever gradient that backward produces, but
+MetaBalance runs one backward per task and needs each task's gradient separately. So MetaBalance turns DDP's
+backward synchronisation off for good (``require_backward_grad_sync = False``, what ``no_sync()`` does for
+one step: the user's forward passes then prepare no reduction), runs all per-task passes locally, and does
+the communication itself in ``step``:
 
-``"exact"`` (default). Passes 0..T-2 run under ``no_sync()``; the last pass runs synced, so DDP's own reducer
-averages the towers' accumulated gradients and row T-1 of the workspace as usual. Rows 0..T-2 (contiguous in
-the ``[T, N]`` workspace) are then averaged in one ``all_reduce`` per bucket. Every rank then holds the
-global per-task gradients and runs the same deterministic kernel on them: the result equals single-process
-training on the concatenated batch, and the moving averages stay identical on every rank.
+``"exact"`` (default). One ``all_reduce`` averages each bucket's whole ``[T, N]`` workspace and one more the
+flattened gradients of the non-balanced parameters (towers). Every rank then holds the global per-task
+gradients and runs the same deterministic kernel on them: the result equals single-process training on
+the concatenated batch (equal per-rank batches, mean-reduced losses), and the moving averages stay identical
+on every rank.
 
-``"low_comm"``. Every pass runs under ``no_sync()``. Each rank computes its local norms; one ``all_reduce``
-of the ``[P, T]`` norms gives every rank the *mean of the per-rank norms*, from which the (identical)
-moving averages and weights follow; each rank combines its local gradients with those weights and one
-``all_reduce`` averages the combined gradient. Because the weights are the same on every rank, the averaged
-result is exactly ``sum_t w_t * mean_rank(g_t)``; the approximation is in the weights only: the mean of the
-per-rank norms replaces the norm of the mean gradient (an upper bound, equal when the ranks' gradients are
-parallel; per-rank noise inflates every task's norm, so small batches per rank bias the ratios toward 1).
-Communication: ``P*T + N + towers`` values instead of ``T*N + towers``. This mode computes with the
-pure-torch reference functions (it needs the norms between the two kernel phases).
+``"low_comm"``. Each rank computes its local norms; one ``all_reduce`` of the ``[P, T]`` norms gives every
+rank the *mean of the per-rank norms*, from which the (identical) moving averages and weights follow; each
+rank combines its local gradients with those weights and one ``all_reduce`` averages the combined gradient.
+Because the weights are the same on every rank, the averaged result is exactly ``sum_t w_t * mean_rank(g_t)``;
+the approximation is in the weights only: the mean of the per-rank norms replaces the norm of the mean
+gradient (an upper bound, equal when the ranks' gradients are parallel; per-rank noise inflates every task's
+norm, so small per-rank batches bias the ratios toward 1). Communication: ``P*T + N`` values per bucket
+instead of ``T*N``, plus the towers. This mode computes with the pure-torch reference functions (it needs the
+norms between the two kernel phases).
 
-With NCCL on GPUs nothing changes: the collectives run on the process group of ``ddp_module``; keep one
-process per GPU and construct MetaBalance after wrapping the model in DDP.
+Notes. Backward passes outside ``mb.step`` are not synchronised by DDP any more; module buffers
+(BatchNorm statistics) are not broadcast at forward (DDP skips that when backward sync is off). With NCCL on
+GPUs nothing changes: the collectives use ``ddp_module.process_group``; keep one process per GPU and build
+MetaBalance after wrapping the model in DDP.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -51,29 +55,23 @@ class DistributedSync:
             raise RuntimeError("MetaBalance: ddp_module given but torch.distributed is not initialised")
         self.module = module
         self.mode = mode
+        module.require_backward_grad_sync = False
         self.group = getattr(module, "process_group", None)
         self.world_size = dist.get_world_size(self.group)
         balanced_ids = {id(p) for p in balanced}
         self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in balanced_ids]
-
-    def pass_context(self, task: int, num_tasks: int):
-        """no_sync() for every pass except, in exact mode, the last one."""
-        if self.mode == "exact" and task == num_tasks - 1:
-            return contextlib.nullcontext()
-        return self.module.no_sync()
 
     def _mean(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         tensor.div_(self.world_size)
 
     def reduce_task_grads(self, task_grads: torch.Tensor) -> None:
-        """Exact mode: average rows 0..T-2 (row T-1 was averaged by DDP in the synced pass)."""
-        if self.mode == "exact" and task_grads.shape[0] > 1:
-            self._mean(task_grads[:-1])
+        """Exact mode: average the whole [T, N] workspace in one collective."""
+        self._mean(task_grads)
 
     def reduce_others(self) -> None:
-        """Low-comm mode: average the non-balanced parameters' gradients in one collective."""
-        if self.mode != "low_comm" or not self.others:
+        """Average the non-balanced parameters' gradients (a tower no task reached counts as zero)."""
+        if not self.others:
             return
         for p in self.others:
             if p.grad is None:

@@ -208,7 +208,7 @@ class MetaBalance(torch.optim.Optimizer):
             self._buckets = self._build_buckets(num_tasks)
         buckets = [bucket for _, bucket in self._buckets]
         ddp = self._ddp
-        saved, reached = backward_per_task(losses, buckets, ddp.pass_context if ddp else None)
+        saved, reached = backward_per_task(losses, buckets)
         restore_grads(buckets, saved)
         with torch.no_grad():
             if ddp is not None:
