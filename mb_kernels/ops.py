@@ -74,6 +74,20 @@ def _check_strategy(strategy: str) -> int:
     return STRATEGIES.index(strategy)
 
 
+def _run_op(task_grads, norm_ema, out, layout, chunks, relax_factor, beta, strategy, deterministic) -> None:
+    torch.ops.mb_kernels.metabalance_(
+        task_grads,
+        layout.offsets,
+        chunks,
+        norm_ema,
+        out,
+        float(relax_factor),
+        float(beta),
+        _check_strategy(strategy),
+        bool(deterministic),
+    )
+
+
 def balance_cpu(
     task_grads: torch.Tensor,
     norm_ema: torch.Tensor,
@@ -85,17 +99,7 @@ def balance_cpu(
     deterministic: bool = False,
 ) -> None:
     """Fused CPU backend (always bitwise deterministic, whatever the thread count)."""
-    torch.ops.mb_kernels.metabalance_(
-        task_grads,
-        layout.offsets,
-        None,
-        norm_ema,
-        out,
-        float(relax_factor),
-        float(beta),
-        _check_strategy(strategy),
-        bool(deterministic),
-    )
+    _run_op(task_grads, norm_ema, out, layout, None, relax_factor, beta, strategy, deterministic)
 
 
 def balance_cuda(
@@ -114,17 +118,7 @@ def balance_cuda(
     chunks = layout.cache.get(key)
     if chunks is None:
         chunks = layout.cache[key] = cuda_chunk_table(layout.sizes, task_grads.device)
-    torch.ops.mb_kernels.metabalance_(
-        task_grads,
-        layout.offsets,
-        chunks,
-        norm_ema,
-        out,
-        float(relax_factor),
-        float(beta),
-        _check_strategy(strategy),
-        bool(deterministic),
-    )
+    _run_op(task_grads, norm_ema, out, layout, chunks, relax_factor, beta, strategy, deterministic)
 
 
 def compiled_backend(device_type: str):

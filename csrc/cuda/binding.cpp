@@ -1,7 +1,7 @@
 // TORCH_LIBRARY_IMPL(mb_kernels, CUDA): checks the op's arguments, allocates the two scratch buffers and calls the
 // launcher in metabalance.cu (the schema is declared once, in ../metabalance.cpp).
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -81,7 +81,7 @@ void metabalance_cuda(
   args.beta = beta;
   args.strategy = static_cast<int>(strategy);
   args.dtype = to_grad_dtype(task_grads.scalar_type());
-  const cudaError_t err = cuda::launch_metabalance(args, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = cuda::launch_metabalance(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "mb_kernels::metabalance_: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
