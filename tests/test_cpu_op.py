@@ -219,7 +219,7 @@ def test_cuda_chunk_table_covers_every_tensor():
     sizes = (0, 5, 16_384, 16_385, 40_000_000)
     table = ops.cuda_chunk_table(sizes, "cpu")
     assert table.shape[1] == 5
-    tensors, begins, ends, firsts, counts = table.unbind(1)
+    tensors, begins, _, _, counts = table.unbind(1)
     assert tensors.unique().tolist() == list(range(len(sizes)))
     bounds = FlatLayout.from_sizes(sizes, "cpu").offsets
     for p in range(len(sizes)):
