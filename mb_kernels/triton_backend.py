@@ -91,12 +91,12 @@ def _chunk_counts(size: int, block: int) -> tuple[int, int]:
     return per_chunk, -(-blocks // per_chunk)
 
 
-def chunk_tables(layout: FlatLayout, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def chunk_tables(layout: FlatLayout, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(chunk_table [C, 3], first_chunk [P + 1], size_align)`` for ``layout`` and ``block``, cached in
-    ``layout.cache`` (built on the host from ``layout.sizes`` once, copied to the layout's device once).
+    ``layout.cache`` (built on the host from ``layout.sizes`` once, copied to ``device`` once).
 
     ``size_align`` is the largest power of two <= 16 dividing every tensor size (so every offset)."""
-    key = ("triton", block)
+    key = ("triton", block, device)
     cached = layout.cache.get(key)
     if cached is not None:
         return cached
@@ -111,7 +111,6 @@ def chunk_tables(layout: FlatLayout, block: int) -> tuple[torch.Tensor, torch.Te
             rows.append((p, start, min(start + span, offset + size)))
         first.append(len(rows))
         offset += size
-    device = layout.offsets.device
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(device)
     first_chunk = torch.tensor(first, dtype=torch.int64).to(device)
     size_align = math.gcd(math.gcd(*layout.sizes) if layout.sizes else 0, 16)
@@ -270,7 +269,7 @@ def balance_triton(
     if layout.num_tensors == 0:
         return
     block = _block_size(task_grads.shape[0])
-    chunk_table, first_chunk, size_align = chunk_tables(layout, block)
+    chunk_table, first_chunk, size_align = chunk_tables(layout, block, task_grads.device)
     torch.ops.mb_kernels.metabalance_triton(
         task_grads,
         norm_ema,

@@ -15,25 +15,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_columns(chunk_ptr, c, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """(tensor, start, stop) of chunk ``c``. ALIGNED: every boundary is a multiple of VEC elements (16 bytes),
-    which the host checked; the hint lets the compiler emit 16-byte loads and stores with uniform masks."""
-    p = tl.load(chunk_ptr + c * 3)
-    start = tl.load(chunk_ptr + c * 3 + 1)
-    stop = tl.load(chunk_ptr + c * 3 + 2)
-    if ALIGNED:
-        start = tl.multiple_of(start, VEC)
-        stop = tl.multiple_of(stop, VEC)
-    return p, start, stop
+def _add(a, b):
+    return a + b
 
 
-@triton.jit
-def _block_columns(start, i, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """Columns of the i-th BLOCK of a chunk: contiguous, and VEC-aligned on the aligned path."""
-    cols = start + i * BLOCK + tl.arange(0, BLOCK)
-    if ALIGNED:
-        cols = tl.max_contiguous(tl.multiple_of(cols, VEC), BLOCK)
-    return cols
+# Reductions call tl.reduce with tl.sum's own combine function (a private name, present since Triton 2.1;
+# _add otherwise): compiled code is the same as tl.sum, but the interpreter then sums with numpy without
+# entering tl.sum, a JIT function whose every call re-patches triton.language (~5 ms each).
+_SUM = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
@@ -64,7 +53,12 @@ def metabalance_norms_kernel(
 ):
     """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (paper Alg. 2: the norms ||g_t||)."""
     c = tl.program_id(0)
-    p, start, stop = _chunk_columns(chunk_ptr, c, VEC, ALIGNED)
+    p = tl.load(chunk_ptr + c * 3)
+    start = tl.load(chunk_ptr + c * 3 + 1)
+    stop = tl.load(chunk_ptr + c * 3 + 2)
+    if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
+        start = tl.multiple_of(start, VEC)
+        stop = tl.multiple_of(stop, VEC)
     tasks = tl.arange(0, T_BLOCK)
     task_mask = tasks < num_tasks
     # Snapshot of the pre-step EMA for launch 2 (see triton_backend's note on races): one program per tensor.
@@ -74,14 +68,16 @@ def metabalance_norms_kernel(
     tl.store(ema_old_ptr + p * num_tasks + tasks, old, mask=row_mask)
 
     rows = tasks.to(tl.int64) * row_units * VEC
-    acc = tl.zeros([T_BLOCK, BLOCK], dtype=ACC)
-    for i in range(0, tl.cdiv(stop - start, BLOCK)):
-        cols = _block_columns(start, i, BLOCK, VEC, ALIGNED)
+    acc = tl.full([T_BLOCK, BLOCK], 0.0, ACC)
+    for i in range(0, (stop - start + BLOCK - 1) // BLOCK):
+        cols = start + i * BLOCK + tl.arange(0, BLOCK)
+        if ALIGNED:
+            cols = tl.max_contiguous(tl.multiple_of(cols, VEC), BLOCK)
         mask = task_mask[:, None] & (cols < stop)[None, :]
         g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         acc += g * g
     # Rows t >= T sum masked zeros: the whole padded row is stored, so launch 2 reads no garbage.
-    tl.store(partials_ptr + c * T_BLOCK + tl.arange(0, T_BLOCK), tl.sum(acc, axis=1))
+    tl.store(partials_ptr + c * T_BLOCK + tl.arange(0, T_BLOCK), tl.reduce(acc, 1, _SUM))
 
 
 @triton.jit
@@ -110,7 +106,12 @@ def metabalance_combine_kernel(
 ):
     """Launch 2: n = sqrt(sum of the tensor's partials), EMA update, weights, and G for chunk c."""
     c = tl.program_id(0)
-    p, start, stop = _chunk_columns(chunk_ptr, c, VEC, ALIGNED)
+    p = tl.load(chunk_ptr + c * 3)
+    start = tl.load(chunk_ptr + c * 3 + 1)
+    stop = tl.load(chunk_ptr + c * 3 + 2)
+    if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
+        start = tl.multiple_of(start, VEC)
+        stop = tl.multiple_of(stop, VEC)
     first = tl.load(first_ptr + p)
     last = tl.load(first_ptr + p + 1)
     tasks = tl.arange(0, T_BLOCK)
@@ -118,11 +119,11 @@ def metabalance_combine_kernel(
 
     # 1. n[p, t]: every program of tensor p sums the same partial rows in the same order, so all of them
     #    (and every run) get bitwise the same norms and weights.
-    sq = tl.zeros([R_BLOCK, T_BLOCK], dtype=ACC)
+    sq = tl.full([R_BLOCK, T_BLOCK], 0.0, ACC)
     for j0 in range(first, last, R_BLOCK):
         js = j0 + tl.arange(0, R_BLOCK)
         sq += tl.load(partials_ptr + js[:, None] * T_BLOCK + tasks[None, :], mask=(js < last)[:, None], other=0.0)
-    sum_sq = tl.sum(sq, axis=0)
+    sum_sq = tl.reduce(sq, 0, _SUM)
     if ACC == tl.float32:
         norms = tl.sqrt_rn(sum_sq)
     else:
@@ -138,7 +139,7 @@ def metabalance_combine_kernel(
     )
 
     # 3. w_t = r m_0/m_t + (1 - r) where the strategy rescales t and m_t != 0, else 1 (w_0 = 1).
-    target = tl.sum(tl.where(tasks == 0, ema, 0.0), axis=0)
+    target = tl.reduce(tl.where(tasks == 0, ema, 0.0), 0, _SUM)
     if STRATEGY == 0:
         rescale = ema > target
     elif STRATEGY == 1:
@@ -148,7 +149,7 @@ def metabalance_combine_kernel(
     rescale = rescale & (ema != 0.0) & (tasks > 0) & task_mask
     safe = tl.where(ema != 0.0, ema, 1.0)
     if ACC == tl.float32:
-        ratio = tl.math.div_rn(tl.zeros_like(safe) + target, safe)
+        ratio = tl.math.div_rn(tl.full([T_BLOCK], 0.0, ACC) + target, safe)
     else:
         ratio = target / safe
     weights = tl.where(rescale, ratio * relax + one_minus_relax, 1.0)
@@ -156,11 +157,13 @@ def metabalance_combine_kernel(
     # 4. G = g_0 + sum_t w_t g_t in ACC, rounded once into the gradient dtype. A non-finite g_t stays
     #    non-finite (w_t is finite), so GradScaler sees the overflow.
     rows = tasks.to(tl.int64) * row_units * VEC
-    for i in range(0, tl.cdiv(stop - start, BLOCK)):
-        cols = _block_columns(start, i, BLOCK, VEC, ALIGNED)
+    for i in range(0, (stop - start + BLOCK - 1) // BLOCK):
+        cols = start + i * BLOCK + tl.arange(0, BLOCK)
+        if ALIGNED:
+            cols = tl.max_contiguous(tl.multiple_of(cols, VEC), BLOCK)
         col_mask = cols < stop
         g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=task_mask[:, None] & col_mask[None, :], other=0.0)
-        combined = tl.sum(g.to(ACC) * weights[:, None], axis=0)
+        combined = tl.reduce(g.to(ACC) * weights[:, None], 0, _SUM)
         if SOFT_BF16:
             rounded = _round_to_bf16_bits(combined)
         else:

@@ -1,0 +1,268 @@
+"""The Triton backend against the float64 reference, and its properties (launches, determinism, op registration).
+
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py) on CPU
+tensors; with one, on CUDA tensors. The interpreter is slow (~30 ms per program), so the matrix here is a
+reduced one: a Latin square over dtype x strategy x relax_factor, both betas, several task counts, on a few
+dozen odd-sized tensors; tests/test_backends.py adds the shared matrix on small layouts.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import pytest
+import torch
+
+from mb_kernels._types import FlatLayout
+from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
+
+triton_backend = pytest.importorskip("mb_kernels.triton_backend", reason="triton is not installed")
+from mb_kernels import triton_kernels  # noqa: E402  (needs triton, checked just above)
+
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
+if not DEVICES:  # pragma: no cover
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+balance_triton = triton_backend.balance_triton
+STEPS = 3
+# A few dozen tensors: empty ones, 1, 3, one that spans several BLOCKs (4097), sizes that are and are not
+# multiples of the 16-byte vector.
+SIZES = [0, 1, 3, 4097, 4, 130, 5, 0, 17, 64, 1000, 2, 7, 33, 256, 9, 12, 100, 8, 31, 1, 250, 16, 77]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RELAX = (0.0, 0.5, 1.0)
+
+
+def _matrix():
+    """Latin square: every (dtype, strategy) pair once, every strategy and dtype with every r and both betas."""
+    cases = []
+    for i, (dtype, strategy) in enumerate(itertools.product(DTYPES, "ABC")):
+        relax = RELAX[(i + i // 3) % 3]
+        beta = 0.9 if i % 2 else 0.0
+        num_tasks = (4, 3, 4, 1, 4, 2, 4, 3, 4)[i]
+        cases.append((dtype, strategy, relax, beta, num_tasks))
+    cases.append((torch.float64, "C", 0.7, 0.9, 4))
+    return cases
+
+
+def _case_id(case):
+    dtype, strategy, relax, beta, num_tasks = case
+    return f"{str(dtype).removeprefix('torch.')}-{strategy}-r{relax}-b{beta}-T{num_tasks}"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every launch of the two kernels as (kernel name, grid, constexpr kwargs)."""
+    calls = []
+    for kernel in (triton_kernels.metabalance_norms_kernel, triton_kernels.metabalance_combine_kernel):
+        original = kernel.run
+
+        def run(*args, _original=original, _name=kernel.__name__, grid, **kwargs):
+            calls.append((_name, grid, kwargs))
+            return _original(*args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", _matrix(), ids=_case_id)
+def test_matches_reference(device, case):
+    dtype, strategy, relax, beta, num_tasks = case
+    grads = [random_task_grads(100 + step, SIZES, num_tasks, dtype, device) for step in range(STEPS)]
+    outs, ema = run_steps(balance_triton, grads, SIZES, relax, beta, strategy)
+    assert_matches_truth(outs, ema, truth(grads, SIZES, relax, beta, strategy), num_tasks, label=_case_id(case))
+
+
+def _misaligned_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` whose data pointer is one element past a 16-byte boundary."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    view = storage[1:].view(tensor.shape)
+    view.copy_(tensor)
+    return view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aligned_and_unaligned_paths_agree(device, launches):
+    """Sizes that are multiples of 8 take the hinted 16-byte path; the same data one element off a 16-byte
+    boundary (or odd offsets) takes the plain path. Both must match the reference, and each other bitwise."""
+    sizes = [8, 4096, 0, 24, 1032]
+    grads = [random_task_grads(7 + step, sizes, 3, torch.float16, device) for step in range(STEPS)]
+    expected = truth(grads, sizes, 0.7, 0.9, "C")
+    aligned = run_steps(balance_triton, grads, sizes, 0.7, 0.9, "C")
+    assert {kw["ALIGNED"] for _, _, kw in launches} == {True}
+    launches.clear()
+    shifted = run_steps(balance_triton, [_misaligned_like(g) for g in grads], sizes, 0.7, 0.9, "C")
+    assert {kw["ALIGNED"] for _, _, kw in launches} == {False}
+    for result in (aligned, shifted):
+        assert_matches_truth(*result, expected, 3, label="alignment")
+    for a, b in zip(aligned[0], shifted[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(aligned[1], shifted[1])
+    # Odd tensor sizes make every later offset unaligned: the plain path, still exact.
+    launches.clear()
+    odd = [3, 8, 4097]
+    grads = [random_task_grads(9 + step, odd, 3, torch.float16, device) for step in range(2)]
+    result = run_steps(balance_triton, grads, odd, 0.5, 0.0, "B")
+    assert {kw["ALIGNED"] for _, _, kw in launches} == {False}
+    assert_matches_truth(*result, truth(grads, odd, 0.5, 0.0, "B"), 3, label="odd offsets")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitwise_deterministic(device):
+    """No atomics: two runs, with deterministic=True or False, give the same bits."""
+    grads = [random_task_grads(21 + step, SIZES, 4, torch.float32, device) for step in range(2)]
+    runs = [run_steps(balance_triton, grads, SIZES, 0.7, 0.9, "C", deterministic=flag) for flag in (True, True, False)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0][0], other[0]):
+            assert torch.equal(a, b)
+        assert torch.equal(runs[0][1], other[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_launches_per_step(device, launches):
+    """Two launches per bucket whatever the number of tensors; an empty layout launches nothing."""
+    sizes = [5] * 40 + [4097, 0]
+    grads = [random_task_grads(3, sizes, 2, torch.float32, device)]
+    run_steps(balance_triton, grads, sizes, 0.7, 0.9, "A")
+    assert [name for name, _, _ in launches] == ["metabalance_norms_kernel", "metabalance_combine_kernel"]
+    launches.clear()
+    run_steps(balance_triton, [torch.zeros(2, 0, device=device)], [], 0.7, 0.9, "A")
+    assert launches == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.profiler kernel count needs CUDA")
+def test_two_kernels_in_profiler():
+    sizes = [37] * 200 + [70_000]
+    grads = random_task_grads(5, sizes, 4, torch.float32, "cuda")
+    layout = FlatLayout.from_sizes(sizes, "cuda")
+    ema = torch.zeros(len(sizes), 4, device="cuda")
+    out = torch.empty(grads.shape[1], device="cuda")
+    balance_triton(grads, ema, out, layout, 0.7, 0.9, "C")  # compile and cache the chunk table
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        balance_triton(grads, ema, out, layout, 0.7, 0.9, "C")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = [e.name for e in kernels]
+    assert len([n for n in names if "metabalance" in n]) == 2, names
+    assert len(kernels) <= 2, names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_gradient(device):
+    """A NaN (or Inf) in task t of tensor p leaves m[p, t] unchanged and makes G non-finite there."""
+    sizes = [6, 5, 7]
+    grads = [random_task_grads(31 + step, sizes, 3, torch.float32, device) for step in range(2)]
+    grads[1][2, 7] = float("nan")  # tensor 1 (columns 6..10), task 2
+    grads[1][1, 12] = float("inf")  # tensor 2, task 1
+    outs, ema = run_steps(balance_triton, grads, sizes, 0.7, 0.9, "C")
+    first_outs, ema_first = run_steps(balance_triton, grads[:1], sizes, 0.7, 0.9, "C")
+    assert ema[1, 2] == ema_first[1, 2] and ema[2, 1] == ema_first[2, 1]
+    assert torch.isnan(outs[1][7]) and not torch.isfinite(outs[1][12])
+    ref_outs, ref_ema, _ = truth(grads, sizes, 0.7, 0.9, "C")
+    torch.testing.assert_close(ema.cpu().double(), ref_ema, rtol=2e-5, atol=0.0)
+    torch.testing.assert_close(outs[1].cpu().double(), ref_outs[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.equal(first_outs[0], outs[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_tensors_still_decay(device):
+    """A 0-element tensor has n = 0: its moving average decays to beta * m (and the kernel writes nothing)."""
+    sizes = [0, 3, 0]
+    layout = FlatLayout.from_sizes(sizes, device)
+    ema = torch.full((3, 2), 2.0, device=device)
+    grads = torch.ones(2, 3, device=device)
+    out = torch.empty(3, device=device)
+    balance_triton(grads, ema, out, layout, 0.5, 0.25, "C")
+    assert torch.equal(ema[0].cpu(), torch.full((2,), 0.5)) and torch.equal(ema[2].cpu(), torch.full((2,), 0.5))
+    only_empty = torch.full((2, 2), 4.0, device=device)
+    balance_triton(
+        torch.empty(2, 0, device=device),
+        only_empty,
+        torch.empty(0, device=device),
+        FlatLayout.from_sizes([0, 0], device),
+        0.5,
+        0.5,
+        "C",
+    )
+    assert torch.equal(only_empty.cpu(), torch.full((2, 2), 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    sizes = [3, 0, 9]
+    grads = random_task_grads(2, sizes, 3, torch.float32, device)
+    layout = FlatLayout.from_sizes(sizes, device)
+    block = triton_backend._block_size(3)
+    table, first, align = triton_backend.chunk_tables(layout, block, grads.device)
+    args = (
+        grads,
+        torch.rand(3, 3, device=device),
+        torch.empty(12, device=device),
+        table,
+        first,
+        block,
+        align,
+        0.7,
+        0.9,
+        2,
+    )
+    torch.library.opcheck(torch.ops.mb_kernels.metabalance_triton.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_under_torch_compile_fullgraph(device):
+    """The custom op traces into one graph (no graph break) and gives the eager result."""
+    sizes = [5, 0, 130]
+    grads = random_task_grads(4, sizes, 3, torch.float32, device)
+    layout = FlatLayout.from_sizes(sizes, device)
+
+    def step(g, ema, out):
+        balance_triton(g, ema, out, layout, 0.7, 0.9, "C")
+        return out * 2
+
+    eager_ema, eager_out = torch.rand(3, 3, device=device), torch.empty(135, device=device)
+    compiled_ema, compiled_out = eager_ema.clone(), torch.empty(135, device=device)
+    expected = step(grads, eager_ema, eager_out)  # also fills layout.cache before tracing
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(grads, compiled_ema, compiled_out)
+    assert torch.equal(got, expected) and torch.equal(compiled_ema, eager_ema)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_under_torch_compile(device):
+    """MetaBalance(backend="triton") inside a torch.compile'd (inductor, fullgraph=False) training step matches
+    the same step run eagerly."""
+    from mb_kernels import MetaBalance
+    from tests.models import TinyMultiTask, batch
+
+    torch.manual_seed(0)
+    model = TinyMultiTask(num_tasks=3).to(device)
+    twin = copy.deepcopy(model)
+
+    def make(m):
+        return MetaBalance(m.shared_parameters(), relax_factor=0.7, beta=0.9, backend="triton"), torch.optim.SGD(
+            m.parameters(), lr=0.1
+        )
+
+    def train_step(m, mb, opt, items, labels):
+        opt.zero_grad(set_to_none=True)
+        mb.step(m.losses(items, labels))
+        opt.step()
+
+    eager = make(model)
+    compiled = make(twin)
+    torch._dynamo.reset()
+    compiled_step = torch.compile(train_step, fullgraph=False)
+    for seed in range(2):
+        items, labels = (x.to(device) for x in batch(seed))
+        train_step(model, *eager, items, labels)
+        compiled_step(twin, *compiled, items, labels)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager[0].diagnostics(), compiled[0].diagnostics()):
+        torch.testing.assert_close(a["norm_ema"], b["norm_ema"], rtol=1e-5, atol=0.0)
