@@ -1,0 +1,289 @@
+"""Training and evaluation of the multi-task recommender with Single-Loss, Vanilla-Multi or MetaBalance.
+
+Methods (MetaBalance §5.1):
+    single   the target loss only (auxiliary towers unused)
+    vanilla  the sum of all task losses, one backward
+    mb       MetaBalance: one backward per task, auxiliary gradients on the shared bottom rescaled toward the
+             target's magnitude (strategy A/B/C, relax factor r, moving-average beta)
+    mostpop  no training: items ranked by their number of target training purchases (a sanity floor)
+
+Every task has a binary cross-entropy loss on its own positives and sampled negatives (``data.TrainSampler``);
+the shared bottom runs once on all tasks' rows, each tower on its task's rows. Model selection: early stopping
+on validation NDCG@10, the best epoch's weights are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..optim import MetaBalance
+from .data import MultiBehaviorData, TrainSampler
+from .metrics import rank_metrics
+from .model import MultiTaskNCF
+
+METHODS = ("single", "vanilla", "mb", "mostpop")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's (Adam lr 1e-3, weight decay 1e-7, batch 256, dropout 0.5)."""
+
+    method: str = "mb"
+    strategy: str = "C"
+    relax_factor: float = 0.7
+    beta: float = 0.9
+    seed: int = 0
+    epochs: int = 20
+    patience: int = 3
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-7
+    dropout: float = 0.5
+    embed_dim: int = 64
+    neg_ratio: int = 1
+    mask: str = "all"
+    trace_every: int = 0
+    """Record MetaBalance diagnostics every this many steps (0: off). Vanilla-Multi then runs through
+    MetaBalance with r = 0 — the same update, one backward per task — so its per-task norms can be traced."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.batch_size <= 0 or self.epochs < 0 or self.neg_ratio < 0:
+            raise ValueError("batch_size must be positive, epochs and neg_ratio non-negative")
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.strategy, self.relax_factor)
+
+
+def method_label(method: str, strategy: str = "C", relax_factor: float = 0.7) -> str:
+    if method == "mb":
+        return f"MetaBalance-{strategy} (r={relax_factor:g})"
+    return {"single": "Single-Loss", "vanilla": "Vanilla-Multi", "mostpop": "MostPop"}[method]
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    valid: dict[str, float]
+    best_epoch: int
+    history: list[dict[str, Any]]
+    train_seconds: float
+    test: dict[str, float] | None = None
+    trace: dict[str, Any] | None = None
+    model: Any = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("model", "trace", "config")}
+        out["config"] = asdict(self.config)
+        out["label"] = self.config.label
+        return out
+
+
+Progress = Callable[[str], None]
+
+
+def _log(progress: Progress | None, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def evaluate(
+    model: MultiTaskNCF | None,
+    data: MultiBehaviorData,
+    split: str = "valid",
+    users: np.ndarray | None = None,
+    popularity: torch.Tensor | None = None,
+    mask: str = "all",
+) -> dict[str, float]:
+    """Full-ranking metrics of the target task on ``split`` ("valid" or "test").
+
+    Masked: the training positives — of the target only (``mask="target"``) or of every task (``mask="all"``,
+    the default) — and, for "test", the validation pair (a known purchase). ``model=None`` ranks by
+    ``popularity`` (MostPop).
+
+    Why "all" by default: the protocol removes the held-out purchases from the auxiliary training pairs, so a
+    user's remaining viewed/carted items are by construction *not* the held-out one; left in the ranking, a
+    multi-task model puts them on top (the auxiliaries taught it they are likely purchases) and every such slot
+    is a guaranteed miss. Masking every training positive ranks only the items the user has not interacted with.
+    """
+    if mask not in ("all", "target"):
+        raise ValueError(f"mask must be 'all' or 'target', got {mask!r}")
+    seen = [data.train[data.target]] if mask == "target" else list(data.train.values())
+    if split == "valid":
+        relevant, exclude = data.valid, np.concatenate(seen)
+    else:
+        relevant, exclude = data.test, np.concatenate([*seen, data.valid])
+    if model is not None:
+        model.eval()
+
+        def scorer(ub: torch.Tensor) -> torch.Tensor:
+            return model.score_all_items(ub, task=0, item_chunk=1024)
+
+    else:
+
+        def scorer(ub: torch.Tensor) -> torch.Tensor:
+            return popularity.expand(len(ub), -1).clone()
+
+    return rank_metrics(scorer, relevant, exclude, data.num_users, data.num_items, users=users, block=32)
+
+
+def fixed_users(data: MultiBehaviorData, split: str, count: int | None, seed: int = 12345) -> np.ndarray | None:
+    """A fixed random subsample of ``count`` evaluation users (the same for every method), or None for all."""
+    pairs = data.valid if split == "valid" else data.test
+    users = np.unique(pairs[:, 0])
+    if count is None or count >= len(users):
+        return None
+    return np.sort(np.random.default_rng(seed).choice(users, size=count, replace=False))
+
+
+def train(
+    data: MultiBehaviorData,
+    cfg: TrainConfig,
+    progress: Progress | None = None,
+    val_users: np.ndarray | None = None,
+) -> RunResult:
+    """Train one configuration with early stopping on validation NDCG@10; the best weights are kept."""
+    if cfg.method == "mostpop":
+        pop = torch.as_tensor(np.bincount(data.train[data.target][:, 1], minlength=data.num_items), dtype=torch.float32)
+        valid = evaluate(None, data, "valid", val_users, popularity=pop, mask=cfg.mask)
+        result = RunResult(cfg, valid, 0, [], 0.0)
+        result.model = pop
+        return result
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = MultiTaskNCF(data.num_users, data.num_items, len(data.tasks), cfg.embed_dim, dropout=cfg.dropout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tracing = cfg.trace_every > 0 and cfg.method in ("mb", "vanilla")
+    balancer = None
+    if cfg.method == "mb" or (tracing and cfg.method == "vanilla"):
+        r = cfg.relax_factor if cfg.method == "mb" else 0.0
+        balancer = MetaBalance(model.shared_parameters(), relax_factor=r, beta=cfg.beta, strategy=cfg.strategy)
+    sampler = TrainSampler(data, cfg.neg_ratio, tasks=1 if cfg.method == "single" else None)
+    steps = sampler.steps_per_epoch(cfg.batch_size)
+    trace = _new_trace(model, data) if tracing else None
+    history: list[dict[str, Any]] = []
+    best, best_epoch, best_state, bad_epochs, step = -math.inf, 0, None, 0, 0
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sums = np.zeros(len(data.tasks))
+        for b, (users, items, labels, segments) in enumerate(sampler.epoch(rng, cfg.batch_size), 1):
+            h = model.shared(torch.from_numpy(users), torch.from_numpy(items))
+            y = torch.from_numpy(labels)
+            losses = [
+                F.binary_cross_entropy_with_logits(model.towers[t](h[sl]).squeeze(-1), y[sl])
+                for t, sl in enumerate(segments)
+            ]
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.method == "single":
+                losses[0].backward()
+            elif balancer is not None:
+                balancer.step(losses)
+            else:
+                torch.stack(losses).sum().backward()
+            optimizer.step()
+            step += 1
+            loss_sums[: len(losses)] += [float(loss.detach()) for loss in losses]
+            if trace is not None and step % cfg.trace_every == 0:
+                _record(trace, balancer, step)
+            if progress is not None and (b % max(1, steps // 10) == 0 or b == steps):
+                _log(progress, f"  {cfg.label} seed {cfg.seed} epoch {epoch}: {_bar(b, steps)}\r")
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        valid = evaluate(model, data, "valid", val_users, mask=cfg.mask)
+        eval_s = time.perf_counter() - t1
+        score = valid["ndcg@10"]
+        improved = score > best
+        if improved:
+            best, best_epoch, bad_epochs = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        losses_text = " ".join(f"{t} {v / max(b, 1):.4f}" for t, v in zip(data.tasks, loss_sums))
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": (loss_sums / max(b, 1)).tolist(),
+                "valid": valid,
+                "train_s": train_s,
+                "eval_s": eval_s,
+            }
+        )
+        _log(
+            progress,
+            f"  {cfg.label} seed {cfg.seed} epoch {epoch}/{cfg.epochs}: loss {losses_text} | val NDCG@10 "
+            f"{score:.4f} R@10 {valid['recall@10']:.4f}{' *' if improved else ''} | train {train_s:.1f}s eval "
+            f"{eval_s:.1f}s\n",
+        )
+        if bad_epochs >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result = RunResult(
+        cfg,
+        history[best_epoch - 1]["valid"] if history else {},
+        best_epoch,
+        history,
+        time.perf_counter() - start,
+        trace=trace,
+    )
+    result.model = model
+    return result
+
+
+def test(result: RunResult, data: MultiBehaviorData, users: np.ndarray | None = None) -> dict[str, float]:
+    """Test metrics of a trained run (its best-validation weights); stored on the result."""
+    if result.config.method == "mostpop":
+        result.test = evaluate(None, data, "test", users, popularity=result.model, mask=result.config.mask)
+    else:
+        result.test = evaluate(result.model, data, "test", users, mask=result.config.mask)
+    return result.test
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(width * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def _new_trace(model: MultiTaskNCF, data: MultiBehaviorData) -> dict[str, Any]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "tasks": data.tasks,
+        "params": [names[id(p)] for p in model.shared_parameters()],
+        "step": [],
+        "norm_ema": [],
+        "weights": [],
+    }
+
+
+def _record(trace: dict[str, Any], balancer: MetaBalance, step: int) -> None:
+    rows = balancer.diagnostics()
+    trace["step"].append(step)
+    trace["norm_ema"].append([row["norm_ema"].tolist() for row in rows])
+    trace["weights"].append([row["weights"].tolist() for row in rows])
+
+
+def summarize(runs: list[RunResult], split: str = "test") -> dict[str, tuple[float, float]]:
+    """Mean and (sample) standard deviation of every metric over runs (seeds)."""
+    metrics = [getattr(r, split) for r in runs if getattr(r, split)]
+    if not metrics:
+        return {}
+    out = {}
+    for key in metrics[0]:
+        values = np.array([m[key] for m in metrics])
+        out[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    return out
