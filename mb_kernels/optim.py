@@ -194,6 +194,9 @@ class MetaBalance(torch.optim.Optimizer):
         self._buckets = None
 
     # ---- the step -----------------------------------------------------------------------------------
+    # Under torch.compile the step runs eagerly: its backward passes are graph breaks anyway, and the fused
+    # kernels are already single launches; the caller's forward is still compiled.
+    @torch.compiler.disable
     def step(self, losses: Sequence[torch.Tensor]) -> None:  # type: ignore[override]
         """Backpropagate each loss, balance the shared gradients and add them to ``p.grad``.
 

@@ -316,3 +316,28 @@ def test_diagnostics_report_norms_and_weights():
     for row in rows:
         assert row["norm_ema"].shape == (3,) and row["weights"].shape == (3,)
         assert row["weights"][0] == 1.0
+
+
+def test_step_inside_torch_compile_matches_eager():
+    torch.manual_seed(6)
+    model = TinyMultiTask()
+    twin = copy.deepcopy(model)
+
+    def make(m):
+        return MetaBalance(m.shared_parameters(), relax_factor=0.7), torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def train_step(m, mb, opt, items, labels):
+        opt.zero_grad(set_to_none=True)
+        mb.step(m.losses(items, labels))
+        opt.step()
+
+    eager, compiled = make(model), make(twin)
+    compiled_step = torch.compile(train_step, fullgraph=False, backend="aot_eager")
+    for seed in range(3):
+        items, labels = batch(seed)
+        train_step(model, *eager, items, labels)
+        compiled_step(twin, *compiled, items, labels)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(model.shared_parameters(), twin.shared_parameters()):
+        torch.testing.assert_close(eager[0].state[p]["norm_ema"], compiled[0].state[q]["norm_ema"])
