@@ -81,6 +81,41 @@ def test_matches_reference(device, case):
     assert_matches_truth(outs, ema, truth(grads, SIZES, relax, beta, strategy), num_tasks, label=_case_id(case))
 
 
+def test_chunk_table_covers_every_column_once():
+    """Chunks tile each tensor in order without gaps or overlap; an empty tensor owns one empty chunk; no tensor
+    has more than _MAX_CHUNKS_PER_TENSOR chunks (launch 2 reads that many partial rows per program)."""
+    sizes = [0, 1, 1023, 1024, 1025, 70_000, 3_000_000_000, 0]
+    layout = FlatLayout(tuple(sizes), torch.zeros(len(sizes) + 1, dtype=torch.int64))
+    block = 1024
+    table, first, align = triton_backend.chunk_tables(layout, block, torch.device("cpu"))
+    assert triton_backend.chunk_tables(layout, block, torch.device("cpu"))[0] is table  # cached
+    assert align == 1 and first[0] == 0 and first[-1] == table.shape[0]
+    offset = 0
+    for p, size in enumerate(sizes):
+        rows = table[first[p] : first[p + 1]].tolist()
+        assert 1 <= len(rows) <= triton_backend._MAX_CHUNKS_PER_TENSOR
+        assert all(row[0] == p for row in rows)
+        assert rows[0][1] == offset and rows[-1][2] == offset + size
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(rows))
+        assert all((stop - start) % block == 0 for _, start, stop in rows[:-1])
+        offset += size
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_block_chunks_and_partial_loops(device, monkeypatch):
+    """Shrunk tuning constants so that small tensors exercise the paths big ones take on a GPU: chunks of
+    several BLOCKs with a ragged last one, and several R_BLOCK steps when summing a tensor's partial rows."""
+    monkeypatch.setattr(triton_backend, "_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(triton_backend, "_MIN_BLOCK", 16)
+    monkeypatch.setattr(triton_backend, "_CHUNKS_PER_SQRT_BLOCK", 2)
+    monkeypatch.setattr(triton_backend, "_R_BLOCK", 8)
+    sizes = [5000, 3, 0, 130]
+    assert triton_backend._chunk_counts(5000, triton_backend._block_size(4)) == (9, 35)
+    grads = [random_task_grads(41, sizes, 4, torch.float32, device)]
+    outs, ema = run_steps(balance_triton, grads, sizes, 0.7, 0.9, "C")
+    assert_matches_truth(outs, ema, truth(grads, sizes, 0.7, 0.9, "C"), 4, label="multi-block chunks")
+
+
 def _misaligned_like(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``tensor`` whose data pointer is one element past a 16-byte boundary."""
     storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
