@@ -42,6 +42,10 @@ Why it is race-free and deterministic.
 Alignment: when every tensor boundary, N and both data pointers are multiples of 16 bytes, the kernels
 are compiled with ALIGNED=True and alignment hints (16-byte vector loads and stores); otherwise the same
 kernels run without hints (correct for any offsets).
+
+Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors: the tests) G is rounded to bfloat16 by
+integer arithmetic, because the interpreter's float32 -> bfloat16 cast truncates; compiled code uses the
+hardware's round-to-nearest-even conversion.
 """
 
 from __future__ import annotations
@@ -214,6 +218,10 @@ def metabalance_triton(
 
 @metabalance_triton.register_fake
 def _(task_grads, norm_ema, out, chunk_table, first_chunk, block, size_align, relax_factor, beta, strategy) -> None:
+    # In place on norm_ema and out; nothing to allocate. The checks mirror _check_inputs for traced calls.
+    torch._check(task_grads.dim() == 2, lambda: "task_grads must be 2-D [num_tasks, numel]")
+    torch._check(norm_ema.dim() == 2 and norm_ema.shape[1] == task_grads.shape[0], lambda: "norm_ema must be [P, T]")
+    torch._check(out.shape == (task_grads.shape[1],), lambda: "out must have shape [numel]")
     return None
 
 
