@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from .recsys import data as data_mod
-from .recsys.train import RunResult, TrainConfig, fixed_users, method_label, summarize, test, train
+from .recsys.train import (
+    RunResult,
+    TrainConfig,
+    evaluate_test,
+    fixed_users,
+    method_label,
+    summarize,
+    train,
+)
 
 ALL_METHODS = ("mostpop", "single", "vanilla", "mb-A", "mb-B", "mb-C")
 METRIC_COLUMNS = ("ndcg@10", "recall@10", "precision@10", "ndcg@20", "recall@20", "precision@20")
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         if method == "mostpop":
             runs[method] = [train(data, _config(args, method, 0), progress, val_users)]
-            test(runs[method][0], data, test_users)
+            evaluate_test(runs[method][0], data, test_users)
             continue
         done = runs.setdefault(method, [])
         for seed in range(args.seeds):
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 trace = bool(args.trace) and seed == 0 and method in ("vanilla", "mb-C")
                 result = train(data, _config(args, method, seed, chosen.get(method, 0.7), trace), progress, val_users)
                 done.append(result)
-            test(result, data, test_users)
+            evaluate_test(result, data, test_users)
             print(
                 f"done {result.config.label} seed {seed}: best epoch {result.best_epoch}, val NDCG@10 "
                 f"{result.valid['ndcg@10']:.4f}, test NDCG@10 {result.test['ndcg@10']:.4f} R@10 "

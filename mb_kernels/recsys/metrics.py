@@ -66,13 +66,15 @@ def rank_metrics(
         rows = np.repeat(np.arange(len(ub)), lens)
         cols = np.concatenate([exc_items[exc_ptr[u] : exc_ptr[u + 1]] for u in ub]) if lens.sum() else []
         scores[torch.as_tensor(rows), torch.as_tensor(np.asarray(cols, np.int64))] = -torch.inf
-        top = torch.topk(scores, kmax, dim=1).indices
+        # Fewer candidates than K (tiny catalogues): rank what there is, pad the list with misses.
+        top_scores, top = torch.topk(scores, min(kmax, num_items), dim=1)
         hit = torch.zeros(len(ub), num_items, dtype=torch.bool)
         rlens = rel_ptr[ub + 1] - rel_ptr[ub]
         rrows = np.repeat(np.arange(len(ub)), rlens)
         rcols = np.concatenate([rel_items[rel_ptr[u] : rel_ptr[u + 1]] for u in ub])
         hit[torch.as_tensor(rrows), torch.as_tensor(rcols)] = True
-        hits = torch.gather(hit, 1, top).double()  # [b, kmax]
+        hits = (torch.gather(hit, 1, top) & (top_scores > -torch.inf)).double()  # a masked item never counts
+        hits = torch.nn.functional.pad(hits, (0, kmax - hits.shape[1]))  # [b, kmax]
         n_rel = torch.as_tensor(rlens, dtype=torch.float64)
         for k in ks:
             h = hits[:, :k]

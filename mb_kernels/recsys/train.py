@@ -245,7 +245,7 @@ def train(
     return result
 
 
-def test(result: RunResult, data: MultiBehaviorData, users: np.ndarray | None = None) -> dict[str, float]:
+def evaluate_test(result: RunResult, data: MultiBehaviorData, users: np.ndarray | None = None) -> dict[str, float]:
     """Test metrics of a trained run (its best-validation weights); stored on the result."""
     if result.config.method == "mostpop":
         result.test = evaluate(None, data, "test", users, popularity=result.model, mask=result.config.mask)
