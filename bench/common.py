@@ -6,6 +6,9 @@ Settings come from the environment so that the same suites serve the CPU run, th
 * ``BENCH_DEVICES``: comma-separated device types (default: ``cpu``, plus ``cuda`` when present).
 * ``BENCH_DTYPES``: comma-separated gradient dtypes for the kernel level (default ``float32``).
 * ``BENCH_BUDGET_S``: seconds of timed calls aimed at per benchmark (default 1.5 on CPU, 0.3 on CUDA).
+* ``BENCH_THREADS``: torch's intra-op threads (bench/conftest.py). On a machine shared with other work,
+  more threads than idle cores makes every parallel region wait for a descheduled thread: seen here, a
+  training step took 85 ms on 1 thread and 1,280 ms on 2 while other processes kept both cores busy.
 
 Byte accounting (kernel level): a two-phase balancing step must read every task's gradient twice (once for
 the norms, once for the combination: the norms are needed before any output element can be written) and
@@ -223,25 +226,43 @@ class HandOverLoss:
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
-def run_timed(benchmark, fn: Callable[[], None], device: str, min_rounds: int = 3, max_rounds: int = 2000) -> None:
-    """Warm up, pick rounds to fill the time budget, time ``fn`` (which must synchronise the device itself).
+def run_timed(benchmark, call: Callable[[], None], device: str, min_rounds: int = 3, max_rounds: int = 2000) -> None:
+    """Warm up, pick rounds to fill the time budget, time ``call`` followed by a device synchronise.
 
-    Quick mode: one call, no warm-up. Each round is one call (iterations=1): the host wall clock around a call
-    that ends with a device synchronise is the latency a training loop sees.
+    Each round is one call plus ``torch.cuda.synchronize()`` on CUDA (iterations=1): pytest-benchmark reads
+    the host clock, so the synchronise puts the device work inside the timed region; this is the latency a
+    training loop sees. On CUDA the device time is also measured with CUDA events around back-to-back calls
+    (no host synchronise in between) and stored as ``extra_info["device_time_s"]`` (mean per call), which
+    the summary prefers for GB/s. Quick mode: one call, no warm-up.
     """
+
+    def timed():
+        call()
+        synchronize(device)
+
     if QUICK:
-        benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
         return
     budget = budget_s(device)
     start = time.perf_counter()
-    fn()  # first call: compilation, allocations, lazy state
+    timed()  # first call: compilation, allocations, lazy state
     first = time.perf_counter() - start
     if first < budget / 4:
         start = time.perf_counter()
-        fn()
+        timed()
         first = time.perf_counter() - start
     rounds = int(min(max_rounds, max(min_rounds, budget / max(first, 1e-7))))
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if first < budget / 20 else 0)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if first < budget / 20 else 0)
+    if device == "cuda":
+        count = max(1, min(rounds, 100))
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(count):
+            call()
+        end.record()
+        end.synchronize()
+        benchmark.extra_info["device_time_s"] = begin.elapsed_time(end) / 1e3 / count
+        benchmark.extra_info["device_time_calls"] = count
 
 
 def median_s(benchmark) -> float | None:
@@ -250,6 +271,14 @@ def median_s(benchmark) -> float | None:
         return None
     inner = getattr(stats, "stats", stats)
     return getattr(inner, "median", None)
+
+
+def record_gbps(benchmark) -> None:
+    """``extra_info["gbps"]`` from its ``bytes`` over the CUDA-event time if measured, else the host median."""
+    info = benchmark.extra_info
+    seconds = info.get("device_time_s") or median_s(benchmark)
+    if seconds:
+        info["gbps"] = info["bytes"] / seconds / 1e9
 
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:

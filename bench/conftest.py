@@ -13,6 +13,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `from tests.naive import ...` and `from bench.common import ...`
 
 
+def pytest_configure(config):
+    """``BENCH_THREADS=N`` fixes torch's intra-op threads (see bench/run_cpu.sh --threads)."""
+    threads = os.environ.get("BENCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def _lscpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

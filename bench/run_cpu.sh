@@ -4,6 +4,8 @@
 #
 #   bash bench/run_cpu.sh            full run (a few minutes on 2 cores)
 #   bash bench/run_cpu.sh --quick    CI smoke: every benchmark once on tiny shapes (also: BENCH_QUICK=1)
+#   bash bench/run_cpu.sh --threads 1  torch intra-op threads (also: BENCH_THREADS); use fewer threads than
+#                                    idle cores on a shared machine, or every parallel op waits on a busy core
 #   bash bench/run_cpu.sh -k e2e     extra arguments go to pytest
 #
 # Do not run it under `nice`, and note the machine's load (printed in the summary): timings taken while
@@ -13,11 +15,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 quick=${BENCH_QUICK:-0}
 args=()
-for arg in "$@"; do
-  case "$arg" in
+while (($#)); do
+  case "$1" in
     --quick) quick=1 ;;
-    *) args+=("$arg") ;;
+    --threads)
+      export BENCH_THREADS=$2
+      shift
+      ;;
+    --threads=*) export BENCH_THREADS=${1#--threads=} ;;
+    *) args+=("$1") ;;
   esac
+  shift
 done
 
 py=${PYTHON:-}
@@ -50,7 +58,7 @@ info = {
     "uptime": run(["uptime"]),
     "lscpu": run(["lscpu"]),
     "cpu_count": os.cpu_count(),
-    "torch_threads": torch.get_num_threads(),
+    "torch_threads": int(os.environ.get("BENCH_THREADS") or torch.get_num_threads()),
     "python": platform.python_version(),
     "torch": torch.__version__,
     "triton": triton_version,
@@ -62,6 +70,10 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 echo "machine: $machine ($(uptime))"
+busy=$(awk '{ print ($1 >= 0.5 ? 1 : 0) }' /proc/loadavg)
+if [[ "$busy" == 1 && -z "${BENCH_THREADS:-}" ]]; then
+  echo "note: load average $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores: timings will be noisy; consider --threads 1"
+fi
 rc=0
 BENCH_QUICK=$quick BENCH_DEVICES=cpu "$py" -m pytest bench -q -p no:cacheprovider \
   --benchmark-json="$json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name \

@@ -4,7 +4,8 @@
 
 Times are medians. Kernel level: ``fused ×orig`` and ``fused ×ref`` are the speed-ups of the fastest fused
 backend over the original-style loop and over the pure-torch reference; GB/s counts 2·T·N·itemsize reads +
-N·itemsize writes; ``% copy`` is that over the copy yardstick of the same run and device. End to end:
+N·itemsize writes (over the CUDA-event time per call on CUDA, else the host median); ``% copy`` is that
+over the copy yardstick of the same run and device. End to end:
 ``fused / vanilla`` is MetaBalance(fused=None)'s step time over Vanilla-Multi's, ``orig / fused`` the
 original-style step time over MetaBalance(fused=None)'s. The targets of issues 4-6 are checked last.
 """
@@ -52,6 +53,9 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
+STAT = "median"  # or "min" (--stat): on a machine shared with other work the minimum is the steadier estimate
+
+
 def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     benchmarks, machines = [], []
     for path in paths:
@@ -63,9 +67,7 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
         machines.append({"file": str(path), "datetime": data.get("datetime"), **data.get("machine_info", {})})
         for bench in data.get("benchmarks", []):
             stats = bench.get("stats") or {}
-            benchmarks.append(
-                {**bench.get("extra_info", {}), "median": stats.get("median"), "rounds": stats.get("rounds")}
-            )
+            benchmarks.append({**bench.get("extra_info", {}), "median": stats.get(STAT), "rounds": stats.get("rounds")})
     return benchmarks, machines
 
 
@@ -94,11 +96,16 @@ def machine_lines(machines: list[dict]) -> list[str]:
     return lines
 
 
+def bandwidth_seconds(b: dict) -> float:
+    """CUDA-event time per call where measured (no host synchronise per call), else the host median."""
+    return b.get("device_time_s") or b["median"]
+
+
 def copy_bandwidth(benchmarks: list[dict]) -> dict[str, float]:
     out = {}
     for b in benchmarks:
         if b.get("kind") == "copy" and b.get("median"):
-            out[b["device"]] = b["bytes"] / b["median"] / 1e9
+            out[b["device"]] = b["bytes"] / bandwidth_seconds(b) / 1e9
     return out
 
 
@@ -116,7 +123,7 @@ def kernel_tables(benchmarks: list[dict], copy_gbps: dict[str, float]) -> tuple[
         present = [c for c in KERNEL_COLUMNS if any(c in groups[k] for k in keys)]
         header = ["shape", "T", "N", *[f"{c} ms" for c in present]]
         header += ["fused", "fused ×orig", "fused ×ref", "fused GB/s", "% copy"]
-        table = Table(f"Kernel level, {device} {dtype} (median ms per balancing step)", header)
+        table = Table(f"Kernel level, {device} {dtype} ({STAT} ms per balancing step)", header)
         for key in sorted(keys, key=lambda k: (shape_order.get(k[2], 9), k[3])):
             rows = groups[key]
             any_row = next(iter(rows.values()))
@@ -125,7 +132,7 @@ def kernel_tables(benchmarks: list[dict], copy_gbps: dict[str, float]) -> tuple[
             best_t = fused.get(best)
             orig = rows.get("original-style", {}).get("median")
             ref = rows.get("reference", {}).get("median")
-            gbps = rows[best]["bytes"] / best_t / 1e9 if best else None
+            gbps = rows[best]["bytes"] / bandwidth_seconds(rows[best]) / 1e9 if best else None
             pct = 100 * gbps / copy_gbps[device] if gbps and device in copy_gbps else None
             entry = {
                 "fused": best,
@@ -199,7 +206,7 @@ def e2e_tables(benchmarks: list[dict]) -> tuple[list[Table], dict]:
         variants = [v for v in order if v in variants] + sorted(v for v in variants if v not in order)
         header = ["batch", *[f"{v} ms" for v in variants], "fused=None uses", "fused / vanilla", "orig / fused"]
         model = next(iter(groups[keys[0]].values())).get("model", "?")
-        table = Table(f"End to end, {device}: one training step incl. Adam (median ms); model {model}", header)
+        table = Table(f"End to end, {device}: one training step incl. Adam ({STAT} ms); model {model}", header)
         for k in keys:
             rows = groups[k]
             vanilla = rows.get("vanilla", {}).get("median")
@@ -317,7 +324,10 @@ def main() -> None:
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON files (--benchmark-json)")
     parser.add_argument("--launches", type=Path, help="JSON written by bench/count_launches.py")
     parser.add_argument("--markdown", action="store_true", help="Markdown tables (for bench/RESULTS.md)")
+    parser.add_argument("--stat", choices=("median", "min"), default="median", help="which statistic (default median)")
     args = parser.parse_args()
+    global STAT
+    STAT = args.stat
     print(summarize([p for p in args.json if p.is_file()], args.launches, args.markdown))
 
 

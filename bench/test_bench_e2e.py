@@ -1,8 +1,8 @@
 """End to end: one training step of the paper's multi-task recommender (3 tasks), per way of combining tasks.
 
 A step is ``optimizer.zero_grad(set_to_none=True)``, the forward and the three BCE losses, the backward
-pass(es) with the gradient combination, then ``Adam.step()`` over all parameters; on CUDA it ends with a
-synchronise. Groups are ``e2e <device> batch=<B>``; rows:
+pass(es) with the gradient combination, then ``Adam.step()`` over all parameters; on CUDA each timed step
+ends with a synchronise (bench.common.run_timed). Groups are ``e2e <device> batch=<B>``; rows:
 
 * ``vanilla``: Vanilla-Multi, one backward of the summed loss (the floor MetaBalance is held against);
 * ``original-style``: one retain_graph backward per task + the per-tensor Python loop
@@ -117,6 +117,5 @@ def test_train_step(benchmark, device, batch_size, variant):
         optimizer.zero_grad(set_to_none=True)
         combine(task_losses(model, batches[next(which)]))
         optimizer.step()
-        common.synchronize(device)
 
     common.run_timed(benchmark, step, device, min_rounds=5)

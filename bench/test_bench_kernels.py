@@ -134,16 +134,13 @@ def test_copy_bandwidth(benchmark, device):
 
     def copy():
         dst.copy_(src)
-        common.synchronize(device)
 
     benchmark.group = f"copy {device}"
     benchmark.extra_info.update(
         kind="copy", device=device, numel=numel, dtype="float32", bytes=2 * numel * 4, bytes_formula=common.COPY_FORMULA
     )
     common.run_timed(benchmark, copy, device, min_rounds=5)
-    median = common.median_s(benchmark)
-    if median:
-        benchmark.extra_info["gbps"] = 2 * numel * 4 / median / 1e9
+    common.record_gbps(benchmark)
 
 
 @pytest.mark.parametrize(("device", "dtype", "shape", "num_tasks", "backend"), _cases())
@@ -182,7 +179,6 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
             k = which()
             grads, outs = prepared[k]
             common.original_style_step(grads, norms[k], outs, r, beta, strategy)
-            common.synchronize(device)
 
     elif backend in RECHUB_ROWS:
         rechub_cls = common.require_rechub(info)
@@ -196,7 +192,6 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
                 for p in params:
                     p.grad = None
                 optimizer.step(losses)
-                common.synchronize(device)
 
         else:
             info["note"] = "gradient hand-over only: what torch-rechub's row spends outside balancing"
@@ -207,7 +202,6 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
                     p.grad = None
                 for loss in losses:
                     loss.backward(retain_graph=True)
-                common.synchronize(device)
 
     else:
         fn = BACKENDS["torch" if backend == "reference" else backend].loader()
@@ -217,9 +211,6 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
         def step():
             k = which()
             fn(grad_sets[k], emas[k], out_sets[k], layouts[k], r, beta, strategy, False)
-            common.synchronize(device)
 
     common.run_timed(benchmark, step, device)
-    median = common.median_s(benchmark)
-    if median:
-        info["gbps"] = info["bytes"] / median / 1e9
+    common.record_gbps(benchmark)
