@@ -10,31 +10,32 @@ import torch
 from mb_kernels.dispatch import BACKENDS, available_backends
 from tests.cases import DTYPES, HYPERS, SIZE_CASES, assert_matches_truth, random_task_grads, run_steps, truth
 
-CPU_BACKENDS = available_backends("cpu")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE_BACKENDS = [(device, name) for device in DEVICES for name in available_backends(device)]
 STEPS = 3
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS, ids=lambda x: str(x))
 @pytest.mark.parametrize("size_case", list(SIZE_CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tasks", [1, 2, 4])
 @pytest.mark.parametrize("hypers", HYPERS, ids=lambda h: f"{h[0]}-r{h[1]}-b{h[2]}")
-def test_backend_matches_reference(backend, size_case, dtype, num_tasks, hypers):
-    if backend == "triton" and (size_case == "many" or num_tasks == 2):
+def test_backend_matches_reference(device, backend, size_case, dtype, num_tasks, hypers):
+    if backend == "triton" and device == "cpu" and (size_case == "many" or num_tasks == 2):
         pytest.skip("the Triton interpreter is slow; tests/test_triton.py covers it on a reduced matrix")
     strategy, relax_factor, beta = hypers
     sizes = SIZE_CASES[size_case]
     seed = zlib.crc32(repr((size_case, str(dtype), num_tasks, hypers)).encode()) % 10_000
-    grads = [random_task_grads(seed + step, sizes, num_tasks, dtype) for step in range(STEPS)]
+    grads = [random_task_grads(seed + step, sizes, num_tasks, dtype, device) for step in range(STEPS)]
     fn = BACKENDS[backend].loader()
     outs, ema = run_steps(fn, grads, sizes, relax_factor, beta, strategy)
     assert_matches_truth(outs, ema, truth(grads, sizes, relax_factor, beta, strategy), num_tasks, label=backend)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_deterministic_mode_is_bitwise_reproducible(backend):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS, ids=lambda x: str(x))
+def test_deterministic_mode_is_bitwise_reproducible(device, backend):
     sizes = SIZE_CASES["odd-mix"]
-    grads = [random_task_grads(11 + s, sizes, 4, torch.float32) for s in range(3)]
+    grads = [random_task_grads(11 + s, sizes, 4, torch.float32, device) for s in range(3)]
     fn = BACKENDS[backend].loader()
     first = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)
     second = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)

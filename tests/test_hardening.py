@@ -159,3 +159,34 @@ def test_thousand_steps_do_not_grow_memory(backend):
         optimizer.step()
     growth = _rss_bytes() - baseline
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {steps - steps // 5} steps"
+
+
+CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_training_steps_match_reference(backend):
+    torch.manual_seed(4)
+    model = TinyMultiTask().cuda()
+    twin = copy.deepcopy(model)
+    mb = MetaBalance(model.shared_parameters(), backend=backend)
+    mb_ref = MetaBalance(twin.shared_parameters(), backend="torch")
+    for step in range(4):
+        items, labels = (x.cuda() for x in batch(step))
+        for m, balancer in ((model, mb), (twin, mb_ref)):
+            m.zero_grad(set_to_none=True)
+            balancer.step(m.losses(items, labels))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    for p, q in zip(model.shared_parameters(), twin.shared_parameters()):
+        torch.testing.assert_close(mb.state[p]["norm_ema"], mb_ref.state[q]["norm_ema"], rtol=2e-5, atol=0.0)
+
+
+def test_fused_none_prefers_fused_backends():
+    model = TinyMultiTask()
+    mb = MetaBalance(model.shared_parameters())
+    expected = "cpu" if "cpu" in CPU_BACKENDS else "torch"
+    assert mb.backends == {"cpu": expected}
