@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -217,15 +218,44 @@ void combine_baseline(
 }
 
 #if MB_X86_CLONES
-// float16 on AVX2 + F16C, written with intrinsics (compilers do not vectorise scalar float16 conversions). Same
-// lanes, same order and same rounding as sum_squares / combine with kAvx2 (lane j = 8 k + l of register k).
-MB_TARGET_AVX2 float sum_squares_f16c(const c10::Half* x, int64_t n) {
+// float16 / bfloat16 on AVX2 + F16C, written with intrinsics (compilers do not vectorise scalar float16 conversions,
+// and barely bfloat16 ones). Same lanes, same order and same rounding as sum_squares / combine with kAvx2 (lane
+// j = 8 k + l of register k; round to nearest even; bfloat16 NaN -> 0x7fc0 as c10 does).
+template <typename scalar_t>
+MB_TARGET_AVX2 inline __m256 load8(const scalar_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return _mm256_cvtph_ps(raw);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+template <typename scalar_t>
+MB_TARGET_AVX2 inline void store8(scalar_t* p, __m256 v) {
+  __m128i packed;
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    packed = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+    // Every value fits 16 bits, so the unsigned saturating pack is exact.
+    packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+template <typename scalar_t>
+MB_TARGET_AVX2 float sum_squares_reduced(const scalar_t* x, int64_t n) {
   static_assert(kLanes == 32, "four 8-float registers");
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int k = 0; k < 4; ++k) {
-      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 8 * k)));
+      const __m256 v = load8(x + i + 8 * k);
       acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
     }
   }
@@ -241,35 +271,29 @@ MB_TARGET_AVX2 float sum_squares_f16c(const c10::Half* x, int64_t n) {
   return lanes[0];
 }
 
-MB_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-MB_TARGET_AVX2 void combine_f16c(
-    const c10::Half* grads, int64_t row_stride, int64_t num_tasks, int64_t begin, int64_t end, const float* w,
-    c10::Half* out) {
+template <typename scalar_t>
+MB_TARGET_AVX2 void combine_reduced(
+    const scalar_t* grads, int64_t row_stride, int64_t num_tasks, int64_t begin, int64_t end, const float* w,
+    scalar_t* out) {
   constexpr int kRegs = kCombineBlock / 8;
   int64_t i = begin;
   for (; i + kCombineBlock <= end; i += kCombineBlock) {
     __m256 acc[kRegs];
     for (int k = 0; k < kRegs; ++k) acc[k] = load8(grads + i + 8 * k);
     for (int64_t t = 1; t < num_tasks; ++t) {
-      const c10::Half* row = grads + t * row_stride + i;
+      const scalar_t* row = grads + t * row_stride + i;
       const __m256 wt = _mm256_set1_ps(w[t]);
       for (int k = 0; k < kRegs; ++k) acc[k] = _mm256_fmadd_ps(wt, load8(row + 8 * k), acc[k]);
     }
-    for (int k = 0; k < kRegs; ++k) {
-      const __m128i h = _mm256_cvtps_ph(acc[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8 * k), h);
-    }
+    for (int k = 0; k < kRegs; ++k) store8(out + i + 8 * k, acc[k]);
   }
-  combine<true, c10::Half, float>(grads, row_stride, num_tasks, i, end, w, out);
+  combine<true, scalar_t, float>(grads, row_stride, num_tasks, i, end, w, out);
 }
 
 template <typename scalar_t, typename acc_t>
 MB_TARGET_AVX2 acc_t sum_squares_avx2(const scalar_t* x, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return sum_squares_f16c(x, n);
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    return sum_squares_reduced(x, n);
   } else {
     return sum_squares<true, scalar_t, acc_t>(x, n);
   }
@@ -279,16 +303,20 @@ template <typename scalar_t, typename acc_t>
 MB_TARGET_AVX2 void combine_avx2(
     const scalar_t* grads, int64_t row_stride, int64_t num_tasks, int64_t begin, int64_t end, const acc_t* w,
     scalar_t* out) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    combine_f16c(grads, row_stride, num_tasks, begin, end, w, out);
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    combine_reduced(grads, row_stride, num_tasks, begin, end, w, out);
   } else {
     combine<true, scalar_t, acc_t>(grads, row_stride, num_tasks, begin, end, w, out);
   }
 }
 
+// MB_KERNELS_NO_AVX2=1 (read once) forces the baseline loops: tests use it to cover them on AVX2 machines.
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    const char* off = std::getenv("MB_KERNELS_NO_AVX2");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
   return has;
 }
 #endif

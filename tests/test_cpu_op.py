@@ -8,6 +8,11 @@ bad inputs that leave the state untouched.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -229,3 +234,27 @@ def test_cuda_chunk_table_covers_every_tensor():
         assert (rows[:, 3] == (tensors == p).nonzero()[0, 0]).all() and (rows[:, 4] == len(rows)).all()
     assert (counts <= ops.CUDA_MAX_CHUNKS).all()
     assert ((begins - bounds[tensors]) % 1024 == 0).all()
+
+
+_BASELINE_SCRIPT = """
+import torch
+from mb_kernels.ops import compiled_backend
+from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
+fn = compiled_backend("cpu")
+sizes = [0, 1, 3, 31, 33, 4097, 70_001]
+for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    grads = [random_task_grads(step, sizes, 3, dtype) for step in range(2)]
+    outs, ema = run_steps(fn, grads, sizes, 0.7, 0.9, "C")
+    assert_matches_truth(outs, ema, truth(grads, sizes, 0.7, 0.9, "C"), 3, label=f"baseline {dtype}")
+print("baseline ok")
+"""
+
+
+def test_cpu_baseline_loops_without_avx2():
+    """MB_KERNELS_NO_AVX2=1 runs the portable loops that non-AVX2 CPUs get (a fresh process: read once)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MB_KERNELS_NO_AVX2": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "baseline ok" in result.stdout, result.stderr[-3000:]
