@@ -273,6 +273,38 @@ def median_s(benchmark) -> float | None:
     return getattr(inner, "median", None)
 
 
+_COPY_BUFFERS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def copy_gbps(device: str, repeats: int = 5) -> float:
+    """Copy bandwidth right now (best of ``repeats`` copies of ``copy_numel()`` float32, read + write).
+
+    Measured next to each fused kernel row, so that "% of copy bandwidth" compares two measurements taken
+    under the same conditions even when other work on the machine comes and goes during the run.
+    """
+    if device not in _COPY_BUFFERS:
+        src = torch.randn(copy_numel(), device=device)
+        _COPY_BUFFERS[device] = (src, torch.empty_like(src))
+    src, dst = _COPY_BUFFERS[device]
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    if device == "cuda":  # events over back-to-back copies: no host synchronise inside the timing
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats * 4):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = begin.elapsed_time(end) / 1e3 / (repeats * 4)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
 def record_gbps(benchmark) -> None:
     """``extra_info["gbps"]`` from its ``bytes`` over the CUDA-event time if measured, else the host median."""
     info = benchmark.extra_info

@@ -2,7 +2,7 @@
 # The single script to run on a GPU machine (H100/H200; torch + CUDA + triton in the system python3, no
 # network). Stages, each under its own timeout inside an overall budget (default 470 s, under 8 minutes):
 #   1. build the extension in place (CUDA op for this GPU's architecture)      -> build.log
-#   2. the test suite on CUDA tensors (python3 -m pytest tests -q -x)         -> tests.log
+#   2. the test suite on CUDA tensors (python3 -m pytest tests -q -x [-n 8])  -> tests.log
 #   3. launches per balancing call, per fused backend (torch.profiler)        -> launches.json
 #   4. kernel-level benchmarks on CUDA, then end-to-end training steps        -> kernels.json, e2e.json
 #   5. the summary table (bench/summarize.py), printed last                   -> summary.txt
@@ -99,7 +99,10 @@ if ((cpu_mode)); then
   test_args=${GPU_CHECK_TEST_ARGS:-"tests/test_backends.py -q -x -k C-r0.5-b0.9-4-torch.float32-odd-mix"}
 else
   export BENCH_DEVICES=${BENCH_DEVICES:-cuda}
-  test_args=${GPU_CHECK_TEST_ARGS:-"tests -q -x"}
+  parallel=""
+  # The suite's CPU-side matrix is large: spread it over the machine's cores when pytest-xdist is there.
+  "$py" -c "import xdist" 2>/dev/null && parallel="-n 8"
+  test_args=${GPU_CHECK_TEST_ARGS:-"tests -q -x $parallel"}
   # Build only for this GPU (faster than every architecture); MAX_JOBS for ninja's parallel compiles.
   arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}
@@ -123,7 +126,7 @@ grep -E "^(cpu|cuda) backends:" "$results/build.log" 2>/dev/null | tee -a "$stat
 
 # ---- 2. tests on CUDA --------------------------------------------------------------------------------
 # shellcheck disable=SC2086 # test_args is a list of pytest arguments
-stage tests 100 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
+stage tests 120 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
 grep -E "(passed|failed|error)" "$results/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/tests: /' | tee -a "$status"
 
 # ---- 3. launches per step ----------------------------------------------------------------------------

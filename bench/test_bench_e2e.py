@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import statistics
+import time
 
 import pytest
 import torch
@@ -73,29 +75,11 @@ def _rechub_vs_ours(rechub_cls, model, batches, steps: int = 3) -> dict:
     }
 
 
-@pytest.mark.parametrize(("device", "batch_size", "variant"), _cases())
-def test_train_step(benchmark, device, batch_size, variant):
-    model, description = build_model(device, quick=common.QUICK)
-    model.train()
+def _make_step(device: str, variant: str, model, batches, info: dict, compare_rechub: bool = True):
+    """One training step of ``model`` combining the task losses the ``variant`` way (no synchronise)."""
     shared = model.shared_parameters()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = random_batches(batch_size, NUM_BATCHES, device, quick=common.QUICK)
-    which = itertools.cycle(range(NUM_BATCHES))
-    benchmark.group = f"e2e {device} batch={batch_size}"
-    info = benchmark.extra_info
-    info.update(
-        kind="e2e",
-        device=device,
-        batch=batch_size,
-        variant=variant,
-        model=description,
-        shared_numel=sum(p.numel() for p in shared),
-        num_params=sum(p.numel() for p in model.parameters()),
-        tasks=3,
-        optimizer="Adam (included in the step)",
-        threads=torch.get_num_threads(),
-    )
-
+    which = itertools.cycle(range(len(batches)))
     if variant == "vanilla":
 
         def combine(losses):
@@ -105,7 +89,8 @@ def test_train_step(benchmark, device, batch_size, variant):
         combine = common.OriginalStyleMetaBalance(shared).step
     elif variant == "torch-rechub":
         rechub_cls = common.require_rechub(info)
-        info["rechub_vs_ours"] = _rechub_vs_ours(rechub_cls, model, batches)
+        if compare_rechub:
+            info["rechub_vs_ours"] = _rechub_vs_ours(rechub_cls, model, batches)
         combine = rechub_cls(shared, relax_factor=common.RELAX_FACTOR, beta=common.BETA).step
     else:
         kwargs = {"fused": None} if variant == "fused=None" else {"backend": variant.removeprefix("backend=")}
@@ -118,4 +103,79 @@ def test_train_step(benchmark, device, batch_size, variant):
         combine(task_losses(model, batches[next(which)]))
         optimizer.step()
 
+    return step
+
+
+def _model_info(device: str, batch_size: int, model, description: str) -> dict:
+    return dict(
+        device=device,
+        batch=batch_size,
+        model=description,
+        shared_numel=sum(p.numel() for p in model.shared_parameters()),
+        num_params=sum(p.numel() for p in model.parameters()),
+        tasks=3,
+        optimizer="Adam (included in the step)",
+        threads=torch.get_num_threads(),
+    )
+
+
+@pytest.mark.parametrize(("device", "batch_size", "variant"), _cases())
+def test_train_step(benchmark, device, batch_size, variant):
+    model, description = build_model(device, quick=common.QUICK)
+    model.train()
+    batches = random_batches(batch_size, NUM_BATCHES, device, quick=common.QUICK)
+    benchmark.group = f"e2e {device} batch={batch_size}"
+    info = benchmark.extra_info
+    info.update(kind="e2e", variant=variant, **_model_info(device, batch_size, model, description))
+    step = _make_step(device, variant, model, batches, info)
     common.run_timed(benchmark, step, device, min_rounds=5)
+
+
+@pytest.mark.parametrize(
+    ("device", "batch_size"), [pytest.param(d, b, id=f"{d}-b{b}") for d in common.devices() for b in batch_sizes()]
+)
+def test_train_step_interleaved(benchmark, device, batch_size):
+    """All variants in alternation, one step each per round, first mover rotating: on a machine shared with
+    other work, slow phases hit every variant alike, so the ratios are steadier than across separate rows.
+    Per-variant min and median step times are in ``extra_info["interleaved"]``."""
+    model, description = build_model(device, quick=common.QUICK)
+    model.train()
+    batches = random_batches(batch_size, NUM_BATCHES, device, quick=common.QUICK)
+    benchmark.group = f"e2e-interleaved {device} batch={batch_size}"
+    info = benchmark.extra_info
+    info.update(kind="e2e-interleaved", **_model_info(device, batch_size, model, description))
+    names = variants(device)
+    if common.load_rechub()[0] is None:
+        names.remove("torch-rechub")
+    backends: dict[str, str] = {}
+    steps = {}
+    for name in names:
+        variant_info: dict = {}
+        steps[name] = _make_step(device, name, copy.deepcopy(model), batches, variant_info, compare_rechub=False)
+        backends[name] = variant_info.get("backend")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order = list(names)
+
+    def one_round():
+        order.append(order.pop(0))
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            common.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+
+    if common.QUICK:
+        benchmark.pedantic(one_round, rounds=1, iterations=1)
+    else:
+        start = time.perf_counter()
+        one_round()  # warm-up: lazy state, allocator, Triton compilation
+        one_round()
+        per_round = (time.perf_counter() - start) / 2
+        for values in times.values():
+            values.clear()
+        rounds = int(min(60, max(7, 4 * common.budget_s(device) / per_round)))
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    info["interleaved"] = {
+        name: {"min": min(values), "median": statistics.median(values), "steps": len(values), "backend": backends[name]}
+        for name, values in times.items()
+    }

@@ -214,3 +214,5 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
 
     common.run_timed(benchmark, step, device)
     common.record_gbps(benchmark)
+    if backend in common.FUSED_BACKENDS:
+        info["copy_gbps_adjacent"] = common.copy_gbps(device)
