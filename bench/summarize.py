@@ -45,7 +45,7 @@ class Table:
         if markdown:
             lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |"]
             lines.append("|" + "|".join("---" for _ in self.header) + "|")
-            lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows]
             return "\n".join(lines) + "\n"
         widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(self.header)]
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
@@ -165,7 +165,7 @@ def kernel_tables(benchmarks: list[dict], copy_gbps: dict[str, float]) -> tuple[
 def rechub_table(benchmarks: list[dict]) -> Table:
     table = Table(
         "Torch-RecHub MetaBalance vs ours on the same inputs (its 1e-5 in the denominator; rescaled target)",
-        ["where", "device", "case", "rel L2 diff", "max|diff| / max|ours|", "worst tensor rel L2"],
+        ["where", "device", "case", "rel L2 diff", "max abs diff / max abs ours", "worst tensor rel L2"],
     )
     for b in benchmarks:
         diff = b.get("rechub_vs_ours")
