@@ -29,15 +29,17 @@ def _env_flag(name: str) -> bool:
 
 def _openmp_flags() -> tuple[list[str], list[str]]:
     """Compile and link flags for OpenMP, which at::parallel_for needs to run in parallel (ATen's OpenMP backend
-    is header code). Linking libgomp by soname reuses the copy torch already loaded, so torch.set_num_threads
-    governs the kernel too."""
+    is header code). The extension links the libgomp that torch ships when there is one, so that the process has
+    a single OpenMP runtime and torch.set_num_threads governs the kernel too."""
     import torch
 
     if "OpenMP" not in torch.__config__.parallel_info() or sys.platform == "darwin":
         return [], []
     if sys.platform == "win32":
         return ["/openmp"], []
-    return ["-fopenmp"], ["-fopenmp"]
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    bundled = sorted(torch_lib.glob("libgomp*.so*"))
+    return ["-fopenmp"], [str(bundled[0])] if bundled else ["-fopenmp"]
 
 
 def _use_cuda() -> bool:

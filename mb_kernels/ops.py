@@ -34,7 +34,7 @@ OP_NAME = "mb_kernels::metabalance_"
 # larger tensors get proportionally longer chunks, so the per-block reduction of a tensor's partial sums reads at
 # most CUDA_MAX_CHUNKS values. A multiple of 1024 keeps every chunk's start at the tensor's alignment phase.
 CUDA_CHUNK = 16384
-CUDA_MAX_CHUNKS = 1024
+CUDA_MAX_CHUNKS = 2048
 
 if _IMPORT_ERROR is None:
 
