@@ -135,9 +135,9 @@ stage launches 40 "$results/bench.log" "$py" bench/count_launches.py --out "$res
 # ---- 4. benchmarks -----------------------------------------------------------------------------------
 timeout_args=()
 if "$py" -c "import pytest_timeout" 2>/dev/null; then
-  timeout_args=(-p pytest_timeout --timeout=90) # one hanging case fails alone; the JSON is still written
+  timeout_args=(--timeout=90) # pytest-timeout (auto-loaded): one hanging case fails alone, the JSON is still written
 fi
-bench_args=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name "${timeout_args[@]}")
+bench_args=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name ${timeout_args[@]+"${timeout_args[@]}"})
 stage kernels 150 "$results/bench.log" "$py" -m pytest bench/test_bench_kernels.py "${bench_args[@]}" \
   --benchmark-json="$results/kernels.json"
 stage e2e 70 "$results/bench.log" "$py" -m pytest bench/test_bench_e2e.py "${bench_args[@]}" \
