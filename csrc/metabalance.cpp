@@ -363,16 +363,19 @@ void update_ema_and_weights(const double* sumsq, acc_t* ema, int64_t num_tasks, 
   }
 }
 
-// One unit of parallel work: either a bundle of whole small tensors [first_tensor, end_tensor), or one span
-// [begin, end) of large tensor `tensor` (its `large` index numbers it among the large tensors).
-struct WorkItem {
-  int64_t first_tensor, end_tensor;  // bundle (end_tensor > first_tensor), else end_tensor == -1
-  int64_t tensor, begin, end, large;  // span of a large tensor
+// Units of parallel work: a bundle of whole small tensors [first_tensor, end_tensor), or one span [begin, end) of a
+// large tensor (`large` numbers it among the large tensors, for its weights).
+struct Bundle {
+  int64_t first_tensor, end_tensor;
+};
+
+struct Span {
+  int64_t begin, end, large;
 };
 
 struct Plan {
-  std::vector<WorkItem> bundles;
-  std::vector<WorkItem> spans;
+  std::vector<Bundle> bundles;
+  std::vector<Span> spans;
   std::vector<int64_t> large_tensors;  // tensor index of each large tensor
   std::vector<int64_t> first_span;     // per large tensor: index of its first span in `spans`, plus an end marker
 };
@@ -382,7 +385,7 @@ Plan make_plan(const int64_t* offsets, int64_t num_tensors) {
   int64_t bundle_start = 0;
   int64_t bundle_elems = 0;
   auto close_bundle = [&](int64_t end_tensor) {
-    if (end_tensor > bundle_start) plan.bundles.push_back({bundle_start, end_tensor, -1, 0, 0, -1});
+    if (end_tensor > bundle_start) plan.bundles.push_back({bundle_start, end_tensor});
     bundle_start = end_tensor;
     bundle_elems = 0;
   };
@@ -400,7 +403,7 @@ Plan make_plan(const int64_t* offsets, int64_t num_tensors) {
     plan.large_tensors.push_back(p);
     plan.first_span.push_back(static_cast<int64_t>(plan.spans.size()));
     for (int64_t s = begin; s < begin + size; s += kCpuChunk) {
-      plan.spans.push_back({0, -1, p, s, std::min(s + kCpuChunk, begin + size), large});
+      plan.spans.push_back({s, std::min(s + kCpuChunk, begin + size), large});
     }
   }
   close_bundle(num_tensors);
@@ -436,14 +439,14 @@ void metabalance_cpu_typed(
     std::vector<acc_t> w(num_tasks);
     for (int64_t item = item_begin; item < item_end; ++item) {
       if (item >= num_bundles) {
-        const WorkItem& span = plan.spans[item - num_bundles];
+        const Span& span = plan.spans[item - num_bundles];
         for (int64_t t = 0; t < num_tasks; ++t) {
           partials[(item - num_bundles) * num_tasks + t] =
               loops.sum_squares(grads + t * numel + span.begin, span.end - span.begin);
         }
         continue;
       }
-      const WorkItem& bundle = plan.bundles[item];
+      const Bundle& bundle = plan.bundles[item];
       for (int64_t p = bundle.first_tensor; p < bundle.end_tensor; ++p) {
         const int64_t begin = offsets[p];
         const int64_t end = offsets[p + 1];
@@ -473,7 +476,7 @@ void metabalance_cpu_typed(
   // Pass 3: combine the large tensors' spans.
   at::parallel_for(0, num_spans, 1, [&](int64_t span_begin, int64_t span_end) {
     for (int64_t s = span_begin; s < span_end; ++s) {
-      const WorkItem& span = plan.spans[s];
+      const Span& span = plan.spans[s];
       loops.combine(
           grads, numel, num_tasks, span.begin, span.end, weights.data() + span.large * num_tasks, out_ptr);
     }
