@@ -35,8 +35,8 @@ ALL_METHODS = ("mostpop", "single", "vanilla", "mb-A", "mb-B", "mb-C")
 METRIC_COLUMNS = ("ndcg@10", "recall@10", "precision@10", "ndcg@20", "recall@20", "precision@20")
 
 # The embedded default: small enough for two minutes on two cores, large enough that the methods differ.
-SYNTHETIC_DEFAULTS = dict(epochs=12, patience=3, batch_size=512, seeds=2, relax_grid=[0.7])
-REAL_DEFAULTS = dict(epochs=20, patience=3, batch_size=256, seeds=3, relax_grid=[0.5, 0.7, 0.9])
+SYNTHETIC_DEFAULTS = dict(epochs=12, patience=3, batch_size=128, seeds=2, relax_grid=[0.7], lr=3e-3)
+REAL_DEFAULTS = dict(epochs=20, patience=3, batch_size=256, seeds=3, relax_grid=[0.5, 0.7, 0.9], lr=1e-3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="seeds per chosen configuration (synthetic default 2, real default 3)")
     p.add_argument("--epochs", type=int, help="maximum epochs (synthetic default 12, real default 20)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs on validation NDCG@10 (default 3)")
-    p.add_argument("--batch-size", type=int, help="batch size (paper: 256; synthetic default 512)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="positives per task per step, each with --neg-ratio negatives (paper and real default 256; synthetic 128)",
+    )
     p.add_argument(
         "--mask",
         choices=("all", "target"),
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training positives masked in the ranking: of every task (default) or of the target only",
     )
     p.add_argument("--neg-ratio", type=int, default=1, help="sampled negatives per positive (default 1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper and real-data default 1e-3; synthetic 3e-3)")
     p.add_argument(
         "--val-users", type=int, help="validate on a fixed random subsample of this many users (default: all)"
     )
