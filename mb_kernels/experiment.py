@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--beta", type=float, default=0.9, help="MetaBalance moving-average factor (default 0.9)")
     p.add_argument("--seeds", type=int, help="seeds per chosen configuration (synthetic default 2, real default 3)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed+seeds-1 (default 0)"
+    )
     p.add_argument("--epochs", type=int, help="maximum epochs (synthetic default 12, real default 20)")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs on validation NDCG@10 (default 3)")
     p.add_argument(
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates = {}
         for r in args.relax_grid:
             trace = bool(args.trace) and method == "mb-C"
-            result = train(data, _config(args, method, 0, r, trace), progress, val_users)
+            result = train(data, _config(args, method, args.first_seed, r, trace), progress, val_users)
             candidates[r] = result
             print(f"grid {result.config.label}: val NDCG@10 {result.valid['ndcg@10']:.4f}", flush=True)
         r_best = max(candidates, key=lambda r: candidates[r].valid["ndcg@10"])
@@ -207,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_test(runs[method][0], data, test_users)
             continue
         done = runs.setdefault(method, [])
-        for seed in range(args.seeds):
-            if seed < len(done):
-                result = done[seed]
+        for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
+            if k < len(done):
+                result = done[k]
             else:
-                trace = bool(args.trace) and seed == 0 and method in ("vanilla", "mb-C")
+                trace = bool(args.trace) and k == 0 and method in ("vanilla", "mb-C")
                 result = train(data, _config(args, method, seed, chosen.get(method, 0.7), trace), progress, val_users)
                 done.append(result)
             evaluate_test(result, data, test_users)
