@@ -148,7 +148,7 @@ def test_thousand_steps_do_not_grow_memory(backend):
     mb = MetaBalance(model.shared_parameters(), backend=backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [batch(i) for i in range(8)]
-    steps = 300 if backend == "triton" else 1000
+    steps = 100 if backend == "triton" else 1000  # the Triton interpreter is ~100x slower per step
     baseline = None
     for step in range(steps):
         if step == steps // 5:
