@@ -24,6 +24,7 @@ import csv
 import gzip
 import io
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ IJCAI_ACTIONS = {"2": "buy", "0": "view", "1": "cart", "3": "fav"}
 def load_taobao_userbehavior(path: str | Path, max_rows: int | None = None) -> MultiBehaviorData:
     """Load Taobao ``UserBehavior.csv`` (user,item,category,behavior,timestamp; no header)."""
     path = Path(path)
-    events: list[tuple[str, str, str, int]] = []
+    events = _Events()
     for lineno, row in _csv_rows(path, max_rows):
         if len(row) != 5:
             raise DataFormatError(
@@ -165,14 +166,14 @@ def load_taobao_userbehavior(path: str | Path, max_rows: int | None = None) -> M
             raise DataFormatError(
                 f"{path}:{lineno}: unknown behavior {behavior!r}; expected one of {sorted(TAOBAO_BEHAVIORS)}"
             )
-        events.append((user, item, TAOBAO_BEHAVIORS[behavior], _int(ts, path, lineno, "timestamp")))
+        events.add(user, item, TAOBAO_BEHAVIORS[behavior], _int(ts, path, lineno, "timestamp"))
     return _from_events(events, path)
 
 
 def load_ijcai15(path: str | Path, max_rows: int | None = None) -> MultiBehaviorData:
     """Load IJCAI-15 ``user_log_format1.csv`` (header; action_type 0 click, 1 cart, 2 purchase, 3 favourite)."""
     path = Path(path)
-    events: list[tuple[str, str, str, int]] = []
+    events = _Events()
     header: list[str] | None = None
     for lineno, row in _csv_rows(path, max_rows):
         if header is None:
@@ -188,7 +189,7 @@ def load_ijcai15(path: str | Path, max_rows: int | None = None) -> MultiBehavior
         if action not in IJCAI_ACTIONS:
             raise DataFormatError(f"{path}:{lineno}: unknown action_type {action!r}; expected 0, 1, 2 or 3")
         ts = _int(row[cols["time_stamp"]], path, lineno, "time_stamp")
-        events.append((row[cols["user_id"]].strip(), row[cols["item_id"]].strip(), IJCAI_ACTIONS[action], ts))
+        events.add(row[cols["user_id"]].strip(), row[cols["item_id"]].strip(), IJCAI_ACTIONS[action], ts)
     if header is None:
         raise DataFormatError(f"{path}: empty file")
     return _from_events(events, path)
@@ -230,24 +231,34 @@ def _int(text: str, path: Path, lineno: int, what: str) -> int:
         raise DataFormatError(f"{path}:{lineno}: {what} must be an integer, got {text!r}") from None
 
 
-def _from_events(events: list[tuple[str, str, str, int]], path: Path) -> MultiBehaviorData:
-    """Remap ids, hold out each user's latest purchase (test) and the next latest (validation)."""
-    if not events:
+BEHAVIOR_CODES = ("buy", "view", "cart", "fav")
+
+
+class _Events:
+    """Raw interactions with ids remapped on arrival, in compact typed arrays (raw logs have tens of millions)."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, int] = {}
+        self.items: dict[str, int] = {}
+        self.u, self.i, self.ts, self.b = array("q"), array("q"), array("q"), array("b")
+
+    def add(self, user: str, item: str, behavior: str, ts: int) -> None:
+        self.u.append(self.users.setdefault(user, len(self.users)))
+        self.i.append(self.items.setdefault(item, len(self.items)))
+        self.ts.append(ts)
+        self.b.append(BEHAVIOR_CODES.index(behavior))
+
+
+def _from_events(events: _Events, path: Path) -> MultiBehaviorData:
+    """Hold out each user's latest purchase (test) and the next latest (validation); ids are already remapped."""
+    if not events.u:
         raise DataFormatError(f"{path}: no interactions")
-    users: dict[str, int] = {}
-    items: dict[str, int] = {}
-    n = len(events)
-    u = np.empty(n, np.int64)
-    i = np.empty(n, np.int64)
-    ts = np.empty(n, np.int64)
-    beh = np.empty(n, dtype=object)
-    for k, (user, item, b, t) in enumerate(events):
-        u[k] = users.setdefault(user, len(users))
-        i[k] = items.setdefault(item, len(items))
-        ts[k], beh[k] = t, b
-    if not (beh == "buy").any():
+    users, items = events.users, events.items
+    u, i, ts = (np.frombuffer(a, dtype=np.int64) for a in (events.u, events.i, events.ts))
+    beh = np.frombuffer(events.b, dtype=np.int8)  # index into BEHAVIOR_CODES
+    if not (beh == 0).any():
         raise DataFormatError(f"{path}: no purchase events; the target behaviour 'buy' is required")
-    buy = np.flatnonzero(beh == "buy")
+    buy = np.flatnonzero(beh == 0)
     # Latest purchase of each (user, item) pair, then each user's purchases newest first (ties: later line first).
     order = buy[np.lexsort((-buy, -ts[buy], u[buy]))]
     pairs = np.stack([u[order], i[order]], 1)
@@ -258,8 +269,8 @@ def _from_events(events: list[tuple[str, str, str, int]], path: Path) -> MultiBe
     test = pairs[(rank == 0) & (count >= 2)]
     valid = pairs[(rank == 1) & (count >= 3)]
     train = {"buy": _unique(pairs[(rank >= 2) | ((rank == 1) & (count == 2)) | (count == 1)])}
-    for name in ("view", "cart", "fav"):
-        sel = beh == name
+    for code, name in enumerate(BEHAVIOR_CODES[1:], 1):
+        sel = beh == code
         if sel.any():
             train[name] = _unique(np.stack([u[sel], i[sel]], 1))
     if len(train) == 1:
