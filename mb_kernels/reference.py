@@ -56,16 +56,17 @@ def tensor_norms(task_grads: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
 
 
 def combine(task_grads: torch.Tensor, weights: torch.Tensor, layout: FlatLayout, out: torch.Tensor) -> None:
-    """out = sum_t w[p, t] g_{p,t} (w_0 = 1), computed in the accumulation dtype and rounded once."""
+    """out = g_0 + sum_{t>=1} w[p, t] g_{p,t}, computed in the accumulation dtype and rounded once."""
     if layout.num_tensors == 0:
         return
     acc = state_dtype(task_grads.dtype)
-    sizes = torch.tensor(layout.sizes, device=task_grads.device)
-    per_element = weights.to(acc).t().repeat_interleave(sizes, dim=1, output_size=layout.numel)
-    combined = task_grads[0].to(acc)
+    rows = [row.split(layout.sizes) for row in task_grads]
+    combined = [segment.to(acc, copy=True) for segment in rows[0]]
     for t in range(1, task_grads.shape[0]):
-        combined = combined + per_element[t] * task_grads[t].to(acc)
-    out.copy_(combined)
+        # One 0-d weight per tensor: no per-element weight vector is materialised.
+        scaled = torch._foreach_mul([segment.to(acc) for segment in rows[t]], list(weights[:, t].to(acc).unbind()))
+        torch._foreach_add_(combined, scaled)
+    torch._foreach_copy_(list(out.split(layout.sizes)), combined)
 
 
 def balance_torch(
