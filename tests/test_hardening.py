@@ -190,3 +190,23 @@ def test_fused_none_prefers_fused_backends():
     mb = MetaBalance(model.shared_parameters())
     expected = "cpu" if "cpu" in CPU_BACKENDS else "torch"
     assert mb.backends == {"cpu": expected}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_thousand_cuda_steps_do_not_grow_device_memory(backend):
+    torch.manual_seed(5)
+    model = TinyMultiTask().cuda()
+    mb = MetaBalance(model.shared_parameters(), backend=backend)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [tuple(x.cuda() for x in batch(i)) for i in range(8)]
+    for step in range(1000):
+        if step == 100:
+            torch.cuda.synchronize()
+            baseline = torch.cuda.memory_allocated()
+        optimizer.zero_grad(set_to_none=True)
+        mb.step(model.losses(*batches[step % 8]))
+        optimizer.step()
+    torch.cuda.synchronize()
+    growth = torch.cuda.memory_allocated() - baseline
+    assert growth <= 64 * 1024, f"CUDA memory grew by {growth} bytes over 900 steps"
