@@ -16,7 +16,9 @@ STRATEGY_DOC = {
 
 
 def strategy_index(strategy: str) -> int:
-    """Position of ``strategy`` in STRATEGIES; the integer the compiled kernels take."""
+    """Position of ``strategy`` in STRATEGIES (the integer the compiled kernels take); ValueError if unknown."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     return STRATEGIES.index(strategy)
 
 

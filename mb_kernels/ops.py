@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._types import STRATEGIES, FlatLayout
+from ._types import FlatLayout, strategy_index
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the op)
@@ -68,12 +68,6 @@ def cuda_chunk_table(sizes: tuple[int, ...], device: torch.device | str) -> torc
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 5).to(device)
 
 
-def _check_strategy(strategy: str) -> int:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    return STRATEGIES.index(strategy)
-
-
 def _run_op(task_grads, norm_ema, out, layout, chunks, relax_factor, beta, strategy, deterministic) -> None:
     torch.ops.mb_kernels.metabalance_(
         task_grads,
@@ -83,7 +77,7 @@ def _run_op(task_grads, norm_ema, out, layout, chunks, relax_factor, beta, strat
         out,
         float(relax_factor),
         float(beta),
-        _check_strategy(strategy),
+        strategy_index(strategy),
         bool(deterministic),
     )
 

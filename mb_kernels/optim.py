@@ -255,14 +255,8 @@ class MetaBalance(torch.optim.Optimizer):
 def _revert_ema_if_nonfinite(buckets: list[Bucket], outputs: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
     """Restore every moving average when any combined gradient is non-finite (no host synchronisation)."""
     # A float32 sum is non-finite iff an element is (finite gradients would need |g| ~ 1e38 to overflow it).
-    finite = [torch.isfinite(out.sum(dtype=torch.float32)) for out in outputs]
-    by_device: dict[torch.device, torch.Tensor] = {}
-    for bucket, ok in zip(buckets, finite):
-        by_device[bucket.device] = ok if bucket.device not in by_device else by_device[bucket.device] & ok
-    all_finite = None
-    for ok in by_device.values():
-        ok = ok.to(buckets[0].device)
-        all_finite = ok if all_finite is None else all_finite & ok
+    device = buckets[0].device
+    all_finite = torch.stack([torch.isfinite(out.sum(dtype=torch.float32)).to(device) for out in outputs]).all()
     for bucket, old in zip(buckets, previous):
         bucket.norm_ema.copy_(torch.where(all_finite.to(bucket.device), bucket.norm_ema, old))
 

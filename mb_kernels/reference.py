@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._types import STRATEGIES, FlatLayout, state_dtype
+from ._types import FlatLayout, state_dtype, strategy_index
 
 
 def balance_weights(norm_ema: torch.Tensor, relax_factor: float, strategy: str) -> torch.Tensor:
@@ -84,8 +84,7 @@ def balance_torch(
     ``deterministic`` is accepted for the common signature; this path is always run-to-run deterministic.
     """
     del deterministic
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    strategy_index(strategy)  # validates before anything is written
     norms = tensor_norms(task_grads, layout)
     update_norm_ema(norm_ema, norms.to(norm_ema.dtype), beta)
     combine(task_grads, balance_weights(norm_ema, relax_factor, strategy), layout, out)

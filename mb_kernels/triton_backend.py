@@ -66,7 +66,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from . import triton_kernels
-from ._types import STRATEGIES, SUPPORTED_DTYPES, FlatLayout, strategy_index
+from ._types import SUPPORTED_DTYPES, FlatLayout, strategy_index
 
 # Tuning constants (see the module docstring); the tile of one inner step is T_BLOCK x BLOCK elements.
 _TILE_ELEMENTS = 4096
@@ -271,8 +271,7 @@ def balance_triton(
     reproducible run to run.
     """
     del deterministic
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    strategy_code = strategy_index(strategy)
     _check_inputs(task_grads, norm_ema, out, layout)
     if layout.num_tensors == 0:
         return
@@ -288,5 +287,5 @@ def balance_triton(
         size_align,
         float(relax_factor),
         float(beta),
-        strategy_index(strategy),
+        strategy_code,
     )

@@ -36,6 +36,18 @@ def _round_to_bf16_bits(x):
 
 
 @triton.jit
+def _chunk_bounds(chunk_ptr, c, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row c of the chunk table: (tensor, first column, end column), with the alignment hint on the aligned path."""
+    p = tl.load(chunk_ptr + c * 3)
+    start = tl.load(chunk_ptr + c * 3 + 1)
+    stop = tl.load(chunk_ptr + c * 3 + 2)
+    if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
+        start = tl.multiple_of(start, VEC)
+        stop = tl.multiple_of(stop, VEC)
+    return p, start, stop
+
+
+@triton.jit
 def metabalance_norms_kernel(
     grads_ptr,  # [T, N] task gradients, row-major (read)
     ema_ptr,  # [P, T] moving averages before this step (read: each tensor's first chunk copies its row)
@@ -53,12 +65,7 @@ def metabalance_norms_kernel(
 ):
     """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (paper Alg. 2: the norms ||g_t||)."""
     c = tl.program_id(0)
-    p = tl.load(chunk_ptr + c * 3)
-    start = tl.load(chunk_ptr + c * 3 + 1)
-    stop = tl.load(chunk_ptr + c * 3 + 2)
-    if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
-        start = tl.multiple_of(start, VEC)
-        stop = tl.multiple_of(stop, VEC)
+    p, start, stop = _chunk_bounds(chunk_ptr, c, VEC, ALIGNED)
     tasks = tl.arange(0, T_BLOCK)
     task_mask = tasks < num_tasks
     # Snapshot of the pre-step EMA for launch 2 (see triton_backend's note on races): one program per tensor.
@@ -106,12 +113,7 @@ def metabalance_combine_kernel(
 ):
     """Launch 2: n = sqrt(sum of the tensor's partials), EMA update, weights, and G for chunk c."""
     c = tl.program_id(0)
-    p = tl.load(chunk_ptr + c * 3)
-    start = tl.load(chunk_ptr + c * 3 + 1)
-    stop = tl.load(chunk_ptr + c * 3 + 2)
-    if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
-        start = tl.multiple_of(start, VEC)
-        stop = tl.multiple_of(stop, VEC)
+    p, start, stop = _chunk_bounds(chunk_ptr, c, VEC, ALIGNED)
     first = tl.load(first_ptr + p)
     last = tl.load(first_ptr + p + 1)
     tasks = tl.arange(0, T_BLOCK)
