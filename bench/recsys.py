@@ -5,7 +5,7 @@ matrix-factorisation branch (u ⊙ i) and for a shared MLP 128-32-16-8, their co
 tower per task (64-32-1); three tasks on Taobao (15,449 users × 11,953 items). The shared parameters
 (embeddings and MLP) are the ones MetaBalance balances; the towers get the plain sum of the task gradients.
 
-``build_model`` builds the project's own model (``mb_kernels.recsys.model.MultiTaskNCF``).
+``build_model`` builds the project's own model (``experiments.recsys.model.MultiTaskNCF``, outside the library).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mb_kernels.recsys.model import MultiTaskNCF
+from experiments.recsys.model import MultiTaskNCF
 
 NUM_USERS, NUM_ITEMS, EMBED_DIM = 15_449, 11_953, 64
 NUM_TASKS = 3
@@ -22,7 +22,7 @@ QUICK_USERS, QUICK_ITEMS = 200, 150
 
 
 def task_losses(model: nn.Module, batch) -> list[torch.Tensor]:
-    """One binary cross-entropy per task on the same batch, target first (as mb_kernels.recsys.train does)."""
+    """One binary cross-entropy per task on the same batch, target first (as experiments.recsys.train does)."""
     users, items, labels = batch
     logits = model(users, items)
     return [F.binary_cross_entropy_with_logits(logits[:, t], labels[:, t]) for t in range(labels.shape[1])]
@@ -35,7 +35,7 @@ def build_model(device: str, quick: bool, materialize: bool = True) -> tuple[nn.
     torch.manual_seed(0)
     with torch.device(target):
         model = MultiTaskNCF(num_users=users, num_items=items, num_tasks=NUM_TASKS)
-    return model, f"mb_kernels.recsys.model, {users} users x {items} items"
+    return model, f"experiments.recsys.model, {users} users x {items} items"
 
 
 def random_batches(batch_size: int, count: int, device: str, quick: bool, seed: int = 0):

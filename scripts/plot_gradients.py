@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draw MetaBalance's Fig. 1/2-style curves from a gradient trace recorded by the experiment.
 
-    python -m mb_kernels.experiment --methods vanilla mb-C --trace trace.json
+    python -m experiments.recsys --methods vanilla mb-C --trace trace.json
     python scripts/plot_gradients.py trace.json --out gradients.png
 
 The trace holds, per traced run (Vanilla-Multi, MetaBalance-C), every ``--trace-every`` steps and for every shared
@@ -85,7 +85,7 @@ def plot(trace: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trace", help="JSON trace written by `python -m mb_kernels.experiment --trace FILE`")
+    parser.add_argument("trace", help="JSON trace written by `python -m experiments.recsys --trace FILE`")
     parser.add_argument("--out", default="gradients.png", help="PNG to write (default gradients.png)")
     args = parser.parse_args(argv)
     try:

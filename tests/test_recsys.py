@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mb_kernels.recsys import data as D
-from mb_kernels.recsys.metrics import rank_metrics
-from mb_kernels.recsys.model import MultiTaskNCF
-from mb_kernels.recsys.train import TrainConfig, evaluate, evaluate_test, fixed_users, summarize, train
+from experiments.recsys import data as D
+from experiments.recsys.metrics import rank_metrics
+from experiments.recsys.model import MultiTaskNCF
+from experiments.recsys.train import TrainConfig, evaluate, evaluate_test, fixed_users, summarize, train
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao"
 
@@ -311,7 +311,7 @@ def test_summarize_mean_std():
 
 
 def test_experiment_cli_smoke(tmp_path, capsys):
-    from mb_kernels import experiment
+    from experiments.recsys import __main__ as experiment
 
     out = tmp_path / "results.json"
     trace = tmp_path / "trace.json"

@@ -1,7 +1,7 @@
 """The main job: MetaBalance vs Single-Loss vs Vanilla-Multi on a multi-behaviour recommendation data set.
 
-    python -m mb_kernels.experiment                       # embedded synthetic data, about a minute on 2 cores
-    python -m mb_kernels.experiment --data ../shared/data/taobao --batch-size 4096 --epoch-size 400000 ...
+    python -m experiments.recsys                       # embedded synthetic data, about a minute on 2 cores
+    python -m experiments.recsys --data ../shared/data/taobao --batch-size 4096 --epoch-size 400000 ...
 
 Protocol: for every MetaBalance strategy with more than one relax factor in ``--relax-grid``, each r is trained
 with the first seed and the best validation NDCG@10 wins; then every chosen configuration runs ``--seeds``
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .recsys import data as data_mod
-from .recsys.train import (
+from . import data as data_mod
+from .train import (
     RunResult,
     TrainConfig,
     evaluate_test,
@@ -40,7 +40,7 @@ REAL_DEFAULTS = dict(epochs=20, patience=3, batch_size=256, seeds=3, relax_grid=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mb_kernels.experiment", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.recsys", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--data",
         help="data folder (buy_train/buy_test/<aux>_train) or raw UserBehavior.csv / user_log_format1.csv "

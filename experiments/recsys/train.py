@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..optim import MetaBalance
+from mb_kernels import MetaBalance
+
 from .data import MultiBehaviorData, TrainSampler
 from .metrics import rank_metrics
 from .model import MultiTaskNCF

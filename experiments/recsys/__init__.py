@@ -1,7 +1,7 @@
 """The multi-task recommender that MetaBalance is evaluated on (He et al., WWW 2022, §5).
 
 ``model`` the shared-bottom network, ``data`` loaders/protocol/sampler/synthetic data, ``metrics`` full-ranking
-top-K metrics, ``train`` the methods. The command line is ``python -m mb_kernels.experiment``.
+top-K metrics, ``train`` the methods. The command line is ``python -m experiments.recsys``.
 """
 
 from .data import DataFormatError, MultiBehaviorData, TrainSampler, load, synthetic
