@@ -74,7 +74,6 @@ def _extensions() -> tuple[list, dict]:
             "mb_kernels._C",
             CPU_SOURCES + CUDA_SOURCES,
             include_dirs=include_dirs,
-            define_macros=[("MB_KERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=omp_link,
         )

@@ -1,6 +1,6 @@
 """Count the device work one balancing call launches, per fused CUDA backend, with torch.profiler.
 
-DESIGN §3 and issues 4/5 ask for two kernel launches per (device, dtype) group however many tensors. Each
+docs/design.md §3: two kernel launches per (device, dtype) group however many tensors. Each
 backend is called once to warm up (Triton compiles, tables are cached), then once under the profiler; the
 CUDA-side events are split into kernels and memset/memcpy operations (a memset is not a kernel launch of
 ours but is device work per step, so it is reported beside the kernels).
@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from mb_kernels._types import FlatLayout, state_dtype
+from mb_kernels.backends.contract import Hyperparameters, state_dtype
 from mb_kernels.dispatch import BACKENDS, available_backends
+from mb_kernels.layout import FlatLayout
 
 
 def device_events(fn) -> dict:
@@ -45,7 +46,7 @@ def device_events(fn) -> dict:
     }
 
 
-def count(backend: str, sizes: list[int], num_tasks: int, deterministic: bool) -> dict:
+def count(backend: str, sizes: list[int], num_tasks: int) -> dict:
     fn = BACKENDS[backend].loader()
     grads = common.random_task_grads(sizes, num_tasks, torch.float32, "cuda")
     ema = torch.zeros(len(sizes), num_tasks, dtype=state_dtype(grads.dtype), device="cuda")
@@ -53,7 +54,7 @@ def count(backend: str, sizes: list[int], num_tasks: int, deterministic: bool) -
     layout = FlatLayout.from_sizes(sizes, "cuda")
 
     def call():
-        fn(grads, ema, out, layout, common.RELAX_FACTOR, common.BETA, common.STRATEGY, deterministic)
+        fn(grads, ema, out, layout, Hyperparameters(common.RELAX_FACTOR, common.BETA, common.STRATEGY))
 
     call()
     return device_events(call)
@@ -73,18 +74,17 @@ def main() -> None:
             print("count_launches: no fused CUDA backend is available (cuda extension not built, triton missing?)")
         for backend in backends:
             for shape, num_tasks in (("many-small", 4), ("recsys", 3)):
-                for deterministic in (False, True):
-                    case = f"{shape} P={len(shapes[shape])} T={num_tasks}" + (" deterministic" if deterministic else "")
-                    try:
-                        row = count(backend, shapes[shape], num_tasks, deterministic)
-                    except Exception as err:  # report and go on: one backend failing must not hide the others
-                        print(f"count_launches: {backend} {case}: {type(err).__name__}: {err}")
-                        continue
-                    rows.append({"backend": backend, "case": case, **row})
-                    print(
-                        f"{backend:7s} {case:38s} kernels {row['kernels']}  memset {row['memsets']}  "
-                        f"memcpy {row['memcpys']}  {row['kernel_names']}"
-                    )
+                case = f"{shape} P={len(shapes[shape])} T={num_tasks}"
+                try:
+                    row = count(backend, shapes[shape], num_tasks)
+                except Exception as err:  # report and go on: one backend failing must not hide the others
+                    print(f"count_launches: {backend} {case}: {type(err).__name__}: {err}")
+                    continue
+                rows.append({"backend": backend, "case": case, **row})
+                print(
+                    f"{backend:7s} {case:38s} kernels {row['kernels']}  memset {row['memsets']}  "
+                    f"memcpy {row['memcpys']}  {row['kernel_names']}"
+                )
     args.out.write_text(json.dumps(rows, indent=1))
 
 

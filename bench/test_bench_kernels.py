@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from bench import common
-from mb_kernels._types import FlatLayout, state_dtype
+from mb_kernels.backends.contract import Hyperparameters, state_dtype
 from mb_kernels.dispatch import BACKENDS, available_backends
+from mb_kernels.layout import FlatLayout
 from tests import cases as test_cases
 from tests.naive import naive_metabalance_step
 
@@ -100,9 +101,8 @@ def _rechub_vs_ours(rechub_cls, grads: torch.Tensor, sizes: list[int], steps: in
         for p in params:
             p.grad = None
         optimizer.step([common.HandOverLoss(params, list(row.split(sizes))) for row in step_grads])
-        BACKENDS["torch"].loader()(
-            step_grads, ema, ours, layout, common.RELAX_FACTOR, common.BETA, common.STRATEGY, False
-        )
+        hyper = Hyperparameters(common.RELAX_FACTOR, common.BETA, common.STRATEGY)
+        BACKENDS["torch"].loader()(step_grads, ema, ours, layout, hyper)
         del step_grads
     theirs = torch.cat([p.grad.flatten() for p in params])
     return common.relative_difference(theirs, ours)
@@ -120,7 +120,7 @@ def test_original_style_matches_naive():
             per_task = [list(row.split(sizes)) for row in grads]
             want = naive_metabalance_step(per_task, naive_ema, 0.7, beta, strategy)
             got = torch.empty(grads.shape[1], dtype=torch.float64)
-            common.original_style_backend(grads, ours_ema, got, layout, 0.7, beta, strategy)
+            common.original_style_backend(grads, ours_ema, got, layout, Hyperparameters(0.7, beta, strategy))
             torch.testing.assert_close(got, torch.cat([w.flatten() for w in want]), rtol=1e-12, atol=1e-300)
         torch.testing.assert_close(ours_ema, torch.tensor(naive_ema, dtype=torch.float64), rtol=1e-12, atol=0.0)
 
@@ -205,12 +205,14 @@ def test_kernel(benchmark, device, dtype, shape, num_tasks, backend):
 
     else:
         fn = BACKENDS["torch" if backend == "reference" else backend].loader()
-        layouts = [FlatLayout.from_sizes(sizes, device) for _ in grad_sets]
+        # One layout, as one optimizer bucket has: what a backend derives from it is built once, not per round.
+        layout = FlatLayout.from_sizes(sizes, device)
         emas = [torch.zeros(len(sizes), num_tasks, dtype=acc, device=device) for _ in grad_sets]
+        hyper = Hyperparameters(r, beta, strategy)
 
         def step():
             k = which()
-            fn(grad_sets[k], emas[k], out_sets[k], layouts[k], r, beta, strategy, False)
+            fn(grad_sets[k], emas[k], out_sets[k], layout, hyper)
 
     common.run_timed(benchmark, step, device)
     common.record_gbps(benchmark)

@@ -1,17 +1,11 @@
 // MetaBalance (He et al., WWW 2022, Algorithm 2) as one torch op: the schema (the contract for every device)
-// and the CPU kernel.
+// and the CPU kernel. The math is stated once, in mb_kernels/backends/reference.py (docs/design.md §1); the
+// per-tensor EMA and weight step shared with the CUDA kernels is metabalance_math.h.
 //
-// For one bucket of P tensors laid out in a flat [T, N] workspace (tensor p owns columns offsets[p]..offsets[p+1]):
-//   n[p, t] = ||g[t, p-columns]||_2                  accumulated in float32 (float64 for float64 gradients)
-//   m[p, t] = beta m[p, t] + (1 - beta) n[p, t]      only where n is finite
-//   w[p, t] = r m[p, 0] / m[p, t] + (1 - r)           when the strategy rescales t and m[p, t] != 0, else 1
-//   out     = g[0] + sum_{t >= 1} w[p, t] g[t]        in float32 (float64), rounded once to the gradient dtype
-// mb_kernels/reference.py is the ground truth; DESIGN §1 explains each step.
-//
-// CPU plan (deterministic by construction, whatever the thread count):
+// CPU plan (bitwise deterministic by construction, whatever the thread count):
 //   * Every squared sum is taken over fixed spans in a fixed order: kLanes independent lanes along the span, a
 //     fixed tree across lanes, and spans of one tensor added in order in float64. No result depends on which
-//     thread ran what, so `deterministic` needs no separate path.
+//     thread ran what.
 //   * Small tensors (<= kCpuChunk elements) are packed into bundles of about kCpuChunk elements; one task runs
 //     norm -> EMA -> weights -> combine for each tensor of its bundle while its T rows are still in L1/L2.
 //   * Large tensors are split into kCpuChunk spans: a parallel pass of squared sums per span, a short serial pass
@@ -34,6 +28,7 @@
 #include <vector>
 
 #include "metabalance_checks.h"
+#include "metabalance_math.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -56,8 +51,6 @@ constexpr int64_t kCpuChunk = 16384;
 constexpr int kLanes = 32;
 // Elements per block of the combine loop: the accumulators stay in registers across the T rows.
 constexpr int kCombineBlock = 64;
-
-enum Strategy : int64_t { kStrengthenTarget = 0, kBoostWeak = 1, kBoth = 2 };  // "A", "B", "C"
 
 inline uint32_t bits_of(float f) {
   uint32_t u;
@@ -338,29 +331,12 @@ HotLoops<scalar_t, acc_t> hot_loops() {
   return {&sum_squares_baseline<scalar_t, acc_t>, &combine_baseline<scalar_t, acc_t>};
 }
 
+// EMA and weights of one tensor from its squared sums (summed in double across spans).
 template <typename acc_t>
-struct Hyper {
-  acc_t beta, one_minus_beta, relax, one_minus_relax;
-  int64_t strategy;
-};
-
-// Steps 3 and 4 of DESIGN §1 for one tensor: EMA update from the squared norms, then weights from the updated EMA.
-template <typename acc_t>
-void update_ema_and_weights(const double* sumsq, acc_t* ema, int64_t num_tasks, const Hyper<acc_t>& h, acc_t* w) {
-  for (int64_t t = 0; t < num_tasks; ++t) {
-    const acc_t norm = static_cast<acc_t>(std::sqrt(sumsq[t]));
-    // A NaN/Inf gradient must not poison the moving average: keep the old value.
-    if (std::isfinite(norm)) ema[t] = ema[t] * h.beta + norm * h.one_minus_beta;
-  }
-  const acc_t target = ema[0];
-  w[0] = acc_t(1);
-  for (int64_t t = 1; t < num_tasks; ++t) {
-    const acc_t m = ema[t];
-    bool rescale = h.strategy == kBoth || (h.strategy == kStrengthenTarget ? m > target : m < target);
-    rescale = rescale && m != acc_t(0);  // m == 0: the task never reached the tensor; w = 1, never 0/0
-    // (m0/m - 1) r + 1 evaluated as r m0/m + (1 - r): both terms >= 0, no cancellation.
-    w[t] = rescale ? (target / m) * h.relax + h.one_minus_relax : acc_t(1);
-  }
+void ema_and_weights_from_sumsq(const double* sumsq, acc_t* ema, int64_t num_tasks, const Hyper<acc_t>& h, acc_t* w) {
+  // w doubles as the norms' buffer: update_ema_and_weights reads every norm before it writes a weight.
+  for (int64_t t = 0; t < num_tasks; ++t) w[t] = static_cast<acc_t>(std::sqrt(sumsq[t]));
+  update_ema_and_weights<acc_t>(w, ema, num_tasks, h, w);
 }
 
 // Units of parallel work: a bundle of whole small tensors [first_tensor, end_tensor), or one span [begin, end) of a
@@ -422,10 +398,7 @@ void metabalance_cpu_typed(
   const scalar_t* grads = task_grads.const_data_ptr<scalar_t>();
   scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
   acc_t* ema = norm_ema.mutable_data_ptr<acc_t>();
-  // Hyperparameters rounded to the state dtype, as the reference's float32 tensor arithmetic does.
-  const Hyper<acc_t> hyper{
-      static_cast<acc_t>(beta), static_cast<acc_t>(1.0 - beta), static_cast<acc_t>(relax_factor),
-      static_cast<acc_t>(1.0 - relax_factor), strategy};
+  const Hyper<acc_t> hyper = Hyper<acc_t>::make(relax_factor, beta, strategy);
 
   const HotLoops<scalar_t, acc_t> loops = hot_loops<scalar_t, acc_t>();
   const Plan plan = make_plan(offsets, num_tensors);
@@ -453,7 +426,7 @@ void metabalance_cpu_typed(
         for (int64_t t = 0; t < num_tasks; ++t) {
           sumsq[t] = static_cast<double>(loops.sum_squares(grads + t * numel + begin, end - begin));
         }
-        update_ema_and_weights<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, w.data());
+        ema_and_weights_from_sumsq<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, w.data());
         loops.combine(grads, numel, num_tasks, begin, end, w.data(), out_ptr);
       }
     }
@@ -470,7 +443,8 @@ void metabalance_cpu_typed(
       for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] += static_cast<double>(partials[s * num_tasks + t]);
     }
     const int64_t p = plan.large_tensors[large];
-    update_ema_and_weights<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, weights.data() + large * num_tasks);
+    ema_and_weights_from_sumsq<acc_t>(
+        sumsq.data(), ema + p * num_tasks, num_tasks, hyper, weights.data() + large * num_tasks);
   }
 
   // Pass 3: combine the large tensors' spans.
@@ -499,11 +473,9 @@ void check_offsets_values(const int64_t* offsets, int64_t num_tensors, int64_t n
 
 void metabalance_cpu(
     const at::Tensor& task_grads, const at::Tensor& offsets, const std::optional<at::Tensor>& chunks,
-    at::Tensor norm_ema, at::Tensor out, double relax_factor, double beta, int64_t strategy, bool deterministic) {
-  // `chunks` is the CUDA kernels' work table; the CPU kernel plans its own work from the offsets. The CPU kernel is
-  // always bitwise deterministic, so `deterministic` selects nothing here.
+    at::Tensor norm_ema, at::Tensor out, double relax_factor, double beta, int64_t strategy) {
+  // `chunks` is the GPU kernels' work table; the CPU kernel plans its own work from the offsets.
   (void)chunks;
-  (void)deterministic;
   check_metabalance_args(task_grads, offsets, norm_ema, out, strategy);
   const int64_t num_tensors = offsets.size(0) - 1;
   const int64_t* offsets_ptr = offsets.const_data_ptr<int64_t>();
@@ -518,11 +490,11 @@ void metabalance_cpu(
 
 TORCH_LIBRARY(mb_kernels, m) {
   // task_grads [T, N] per-task gradients (read); offsets [P + 1] int64 tensor boundaries on the data's device;
-  // chunks: CUDA work table from mb_kernels.ops (None on CPU); norm_ema [P, T] moving averages (updated);
-  // out [N] combined gradient (written); strategy 0/1/2 = "A"/"B"/"C".
+  // chunks: the GPU work table, FlatLayout.chunk_table (None on CPU); norm_ema [P, T] moving averages (updated);
+  // out [N] combined gradient (written); strategy: metabalance_math.h's Strategy (0/1/2 = "A"/"B"/"C").
   m.def(
       "metabalance_(Tensor task_grads, Tensor offsets, Tensor? chunks, Tensor(a!) norm_ema, Tensor(b!) out, "
-      "float relax_factor, float beta, int strategy, bool deterministic) -> ()");
+      "float relax_factor, float beta, int strategy) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mb_kernels, CPU, m) {

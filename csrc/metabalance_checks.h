@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "metabalance_math.h"
+
 namespace mb_kernels {
 
 // Checks the op's arguments (shapes, dtypes, devices, contiguity, strategy). Does not read tensor values, so
@@ -60,7 +62,7 @@ inline void check_metabalance_args(
       "mb_kernels::metabalance_: all tensors must be on task_grads' device ", device, "; got offsets on ",
       offsets.device(), ", norm_ema on ", norm_ema.device(), ", out on ", out.device());
   TORCH_CHECK(
-      strategy >= 0 && strategy <= 2,
+      strategy >= 0 && strategy < kNumStrategies,
       "mb_kernels::metabalance_: strategy must be 0 (A), 1 (B) or 2 (C), got ", strategy);
 }
 

@@ -1,10 +1,12 @@
-"""Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype).
+"""Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype), and the whole
+``.grad`` lifecycle of the balanced parameters around it.
 
 One backward pass per task. Before the passes every balanced parameter's ``.grad`` is set aside and
 set to None, so that autograd hands each pass's gradient over without an accumulate; after pass t the
 gradient is copied into row t of the workspace and ``.grad`` reset to None. Parameters that are not
 balanced (task towers) simply accumulate the plain sum over the passes, as ``sum(losses).backward()``
-would give them.
+would give them. After balancing, :meth:`Capture.commit` puts the set-aside gradients back and accumulates
+the balanced ones onto them; on any failure :meth:`Capture.abort` puts them back unchanged.
 
 Leak-free graph release: autograd frees a node's saved tensors only when a non-retaining pass executes
 it. Passes 0..T-2 retain the graph, so the last pass runs from *all* losses, with a zero gradient for
@@ -20,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._types import FlatLayout, state_dtype
+from .backends.contract import state_dtype
+from .layout import FlatLayout
 
 
 class Bucket:
@@ -76,15 +79,47 @@ def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]
             bucket_reached[i] = bucket_reached[i] or hit[i]
 
 
-def backward_per_task(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> tuple[list, list]:
-    """Run one backward per task, filling every bucket's workspace.
+class Capture:
+    """The per-task gradients of one step, captured into the buckets' workspaces, and the balanced parameters'
+    ``.grad`` from before the step (set aside while the workspaces are in use)."""
 
-    Returns ``(saved_grads, reached)``: the balanced params' ``.grad`` from before the step (to be restored
-    and accumulated onto) and, per bucket, which params any task reached. On error every balanced
-    ``.grad`` is restored before the exception propagates.
+    def __init__(self, buckets: Sequence[Bucket]):
+        self.buckets = list(buckets)
+        self.saved = [[p.grad for p in bucket.params] for bucket in self.buckets]
+        # Per bucket, which params any task reached (the others keep their .grad untouched, None included).
+        self.reached = [[False] * len(bucket.params) for bucket in self.buckets]
+
+    def abort(self) -> None:
+        """Put every balanced ``.grad`` back as it was before the step."""
+        for bucket, grads in zip(self.buckets, self.saved):
+            for p, g in zip(bucket.params, grads):
+                p.grad = g
+
+    def commit(self, combined: Sequence[torch.Tensor]) -> None:
+        """Accumulate each bucket's balanced gradient (flat ``[N]``) onto the set-aside ``.grad``; a parameter no
+        task reached keeps its ``.grad`` (None stays None)."""
+        self.abort()
+        accumulate_into, accumulate_from = [], []
+        for bucket, out, prior, reached in zip(self.buckets, combined, self.saved, self.reached):
+            for p, view, had, hit in zip(bucket.params, bucket.combined_views(out), prior, reached):
+                if not hit:
+                    continue
+                if had is None:
+                    p.grad = view
+                else:
+                    accumulate_into.append(had)
+                    accumulate_from.append(view)
+        if accumulate_into:
+            torch._foreach_add_(accumulate_into, accumulate_from)
+
+
+def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> Capture:
+    """Run one backward per task, filling every bucket's workspace (see the module docstring).
+
+    On return the balanced params' ``.grad`` are None until :meth:`Capture.commit` or :meth:`Capture.abort`; on
+    error every balanced ``.grad`` is restored before the exception propagates.
     """
-    saved = [[p.grad for p in bucket.params] for bucket in buckets]
-    reached = [[False] * len(bucket.params) for bucket in buckets]
+    capture = Capture(buckets)
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None
@@ -99,14 +134,8 @@ def backward_per_task(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket])
                 # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
                 seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
                 torch.autograd.backward(list(losses), grad_tensors=seeds)
-            _collect_pass(buckets, task, reached)
+            _collect_pass(buckets, task, capture.reached)
     except BaseException:
-        restore_grads(buckets, saved)
+        capture.abort()
         raise
-    return saved, reached
-
-
-def restore_grads(buckets: Sequence[Bucket], saved: list[list[torch.Tensor | None]]) -> None:
-    for bucket, grads in zip(buckets, saved):
-        for p, g in zip(bucket.params, grads):
-            p.grad = g
+    return capture

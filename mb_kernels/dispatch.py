@@ -1,8 +1,5 @@
-"""Backend selection: one table of backends with one signature, resolved once per device type.
-
-Every backend is a function ``fn(task_grads, norm_ema, out, layout, relax_factor, beta, strategy,
-deterministic) -> None`` implementing :func:`mb_kernels.reference.balance_torch`'s contract.
-"""
+"""Backend selection: one table of backends (each a :class:`~mb_kernels.backends.contract.BalanceFn`), resolved
+once per device type when parameters are added."""
 
 from __future__ import annotations
 
@@ -11,18 +8,25 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .reference import balance_torch
+from .backends.contract import BalanceFn
+from .backends.reference import balance_torch
 
-BalanceFn = Callable[..., None]
+
+def _interpreting_triton() -> bool:
+    # The Triton interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: tests use it.
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the balancing step."""
+
     name: str
-    fused: bool
-    device_types: tuple[str, ...]
+    description: str
+    serves: Callable[[str], bool]
+    """Whether it runs on tensors of a device type ("cpu", "cuda", ...)."""
     loader: Callable[[], BalanceFn]
-    """Imports the implementation; raises ImportError/RuntimeError with the reason when unavailable."""
+    """Imports the implementation; raises ImportError/RuntimeError/OSError with the reason when unavailable."""
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -32,44 +36,31 @@ class Backend:
         return None
 
 
-def _load_torch() -> BalanceFn:
-    return balance_torch
-
-
-def _load_cpp(device_type: str) -> Callable[[], BalanceFn]:
+def _compiled(device_type: str) -> Callable[[], BalanceFn]:
     def load() -> BalanceFn:
-        ops = importlib.import_module("mb_kernels.ops")
-        return ops.compiled_backend(device_type)
+        return importlib.import_module("mb_kernels.backends.compiled").compiled_backend(device_type)
 
     return load
 
 
-def _load_triton() -> BalanceFn:
-    module = importlib.import_module("mb_kernels.triton_backend")
-    return module.balance_triton
-
-
-def _triton_device_types() -> tuple[str, ...]:
-    # The Triton interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: tests use it.
-    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+def _triton() -> BalanceFn:
+    return importlib.import_module("mb_kernels.backends.triton").balance_triton
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", False, ("any",), _load_torch),
-    "cpu": Backend("cpu", True, ("cpu",), _load_cpp("cpu")),
-    "cuda": Backend("cuda", True, ("cuda",), _load_cpp("cuda")),
-    "triton": Backend("triton", True, ("cuda",), _load_triton),
+    "torch": Backend("torch", "pure-torch reference (the semantics)", lambda _: True, lambda: balance_torch),
+    "cpu": Backend("cpu", "C++ op, CPU kernel", lambda d: d == "cpu", _compiled("cpu")),
+    "cuda": Backend("cuda", "C++ op, CUDA kernels", lambda d: d == "cuda", _compiled("cuda")),
+    "triton": Backend(
+        "triton", "Triton kernels", lambda d: d == "cuda" or (d == "cpu" and _interpreting_triton()), _triton
+    ),
 }
 
-# Preference order of fused backends per device type (fused=None / fused=True).
-FUSED_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-
-
-def _serves(backend: Backend, device_type: str) -> bool:
-    if backend.name == "torch":
-        return True
-    types = _triton_device_types() if backend.name == "triton" else backend.device_types
-    return device_type in types
+# fused=None / fused=True: the first available backend of this list for the device type. On CUDA the C++ op comes
+# first: on an H100 it was faster than the Triton kernels in every measured case (bench/RESULTS.md, GPU section);
+# Triton serves CUDA tensors where the extension was built without CUDA kernels. The Triton interpreter on CPU is
+# a test vehicle, never a fused choice.
+FUSED_PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def resolve_backends(
@@ -78,17 +69,15 @@ def resolve_backends(
     """Map each device type to (backend name, function). Raises a ValueError/RuntimeError naming the fix."""
     if backend is not None and fused is not None:
         raise ValueError("pass either fused= or backend=, not both (backend= already names one implementation)")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKENDS)}")
     resolved: dict[str, tuple[str, BalanceFn]] = {}
     for device_type in sorted(set(device_types)):
         if backend is not None:
-            if backend not in BACKENDS:
-                raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(BACKENDS)}")
             chosen = BACKENDS[backend]
-            if not _serves(chosen, device_type):
-                raise ValueError(
-                    f"backend={backend!r} does not serve {device_type} tensors; it serves "
-                    f"{_triton_device_types() if backend == 'triton' else chosen.device_types}"
-                )
+            if not chosen.serves(device_type):
+                served = [d for d in ("cpu", "cuda") if chosen.serves(d)]
+                raise ValueError(f"backend={backend!r} does not serve {device_type} tensors; it serves {served}")
             reason = chosen.unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend={backend!r} is not available: {reason}")
@@ -119,8 +108,8 @@ def resolve_backends(
 
 def available_backends(device_type: str) -> list[str]:
     """Names of the backends that can run on ``device_type`` here (tests and benchmarks iterate this)."""
-    names = []
-    for name, backend in BACKENDS.items():
-        if _serves(backend, device_type) and backend.unavailable_reason() is None:
-            names.append(name)
-    return names
+    return [
+        name
+        for name, backend in BACKENDS.items()
+        if backend.serves(device_type) and backend.unavailable_reason() is None
+    ]

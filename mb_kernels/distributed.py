@@ -22,6 +22,9 @@ norm, so small per-rank batches bias the ratios toward 1). Communication: ``P*T 
 instead of ``T*N``, plus the towers. This mode computes with the pure-torch reference functions (it needs the
 norms between the two kernel phases).
 
+Either way the optimizer's step has one path: :meth:`DistributedSync.wrap` turns the chosen backend into a
+:class:`~mb_kernels.backends.contract.BalanceFn` that does the collectives around (or instead of) it.
+
 Notes. Backward passes outside ``mb.step`` are not synchronised by DDP any more; module buffers
 (BatchNorm statistics) are not broadcast at forward (DDP skips that when backward sync is off). With NCCL on
 GPUs nothing changes: the collectives use ``ddp_module.process_group``; keep one process per GPU and build
@@ -35,7 +38,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .reference import balance_weights, combine, tensor_norms, update_norm_ema
+from .backends.contract import BalanceFn, Hyperparameters
+from .backends.reference import balance_weights, combine, tensor_norms, update_norm_ema
+from .layout import FlatLayout
 
 DDP_MODES = ("exact", "low_comm")
 
@@ -65,10 +70,6 @@ class DistributedSync:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         tensor.div_(self.world_size)
 
-    def reduce_task_grads(self, task_grads: torch.Tensor) -> None:
-        """Exact mode: average the whole [T, N] workspace in one collective."""
-        self._mean(task_grads)
-
     def reduce_others(self) -> None:
         """Average the non-balanced parameters' gradients (a tower no task reached counts as zero)."""
         if not self.others:
@@ -81,10 +82,36 @@ class DistributedSync:
         self._mean(flat)
         torch._foreach_copy_(grads, [seg.view_as(g) for seg, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
-    def balance_low_comm(self, bucket, out: torch.Tensor, relax_factor: float, beta: float, strategy: str) -> None:
-        """Low-comm mode kernel path: local norms -> all-reduced mean -> EMA and weights -> local combine -> mean."""
-        norms = tensor_norms(bucket.task_grads, bucket.layout).to(bucket.norm_ema.dtype)
+    def wrap(self, balance: BalanceFn) -> BalanceFn:
+        """The balancing step with this mode's collectives: ``exact`` averages the ``[T, N]`` workspace in one
+        collective and runs ``balance`` on the global per-task gradients (every backend is bitwise deterministic,
+        so every rank computes the same result); ``low_comm`` replaces it (see the module docstring)."""
+        if self.mode == "low_comm":
+            return self._balance_low_comm
+
+        def balance_exact(
+            task_grads: torch.Tensor,
+            norm_ema: torch.Tensor,
+            out: torch.Tensor,
+            layout: FlatLayout,
+            hyper: Hyperparameters,
+        ) -> None:
+            self._mean(task_grads)
+            balance(task_grads, norm_ema, out, layout, hyper)
+
+        return balance_exact
+
+    def _balance_low_comm(
+        self,
+        task_grads: torch.Tensor,
+        norm_ema: torch.Tensor,
+        out: torch.Tensor,
+        layout: FlatLayout,
+        hyper: Hyperparameters,
+    ) -> None:
+        """Local norms -> all-reduced mean -> EMA and weights -> local combine -> mean."""
+        norms = tensor_norms(task_grads, layout).to(norm_ema.dtype)
         self._mean(norms)
-        update_norm_ema(bucket.norm_ema, norms, beta)
-        combine(bucket.task_grads, balance_weights(bucket.norm_ema, relax_factor, strategy), bucket.layout, out)
+        update_norm_ema(norm_ema, norms, hyper.beta)
+        combine(task_grads, balance_weights(norm_ema, hyper.relax_factor, hyper.strategy), layout, out)
         self._mean(out)

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from ._types import STRATEGIES, SUPPORTED_DTYPES, state_dtype
-from .capture import Bucket, backward_per_task, restore_grads
+from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
+from .backends.reference import balance_weights
+from .capture import Bucket, capture_task_grads
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
-from .reference import balance_weights
 
 _STATE_KEY = "norm_ema"
 
@@ -19,17 +19,11 @@ _STATE_KEY = "norm_ema"
 class MetaBalance(torch.optim.Optimizer):
     r"""Balance auxiliary-task gradients on shared parameters toward the target task's magnitude.
 
-    MetaBalance (He et al., WWW 2022). For every balanced tensor p and task t (t = 0 is the target):
-
-    .. code-block:: text
-
-        n_t = ||g_t||_2                                   (per tensor, per task, float32 accumulation)
-        m_t = beta * m_t + (1 - beta) * n_t               (m_t = 0 before the first step; skipped if n_t is not finite)
-        w_t = (m_0 / m_t - 1) * r + 1  if strategy rescales t and m_t != 0, else 1
-        p.grad += g_0 + sum_{t >= 1} w_t * g_t
-
-    Strategy "A" rescales task t only when m_t > m_0, "B" only when m_t < m_0, "C" always.
-    ``relax_factor`` r = 0 is plain summation (Vanilla-Multi), r = 1 matches magnitudes exactly.
+    MetaBalance (He et al., WWW 2022): for every balanced tensor and every step, each auxiliary task's gradient
+    is rescaled toward the target task's magnitude using moving averages of the per-task gradient norms, and
+    ``p.grad`` receives the target gradient plus the rescaled auxiliary gradients. The exact formula is stated in
+    :mod:`mb_kernels.backends.reference` (``relax_factor`` r = 0 is plain summation, Vanilla-Multi; r = 1 gives
+    every rescaled auxiliary the target's magnitude). Every backend is bitwise reproducible run to run.
 
     Args:
         params: the shared parameters to balance (tensors or param-group dicts). Parameters reached by the
@@ -40,14 +34,12 @@ class MetaBalance(torch.optim.Optimizer):
         fused: None picks the fastest backend available for the parameters' device, falling back to the
             pure-torch reference; True raises if no fused kernel serves the device; False forces the reference.
         backend: force one implementation: "torch", "cpu", "cuda" or "triton" (tests, benchmarks).
-        deterministic: use the fused kernels' bitwise-reproducible variant (no atomics).
         skip_nonfinite_steps: with ``torch.amp.GradScaler``, set True: a step whose combined gradient is
             non-finite anywhere (the scaler will skip it) leaves every moving average unchanged. Without it,
             only the (tensor, task) pairs whose gradient is non-finite keep their average. Costs one extra
             read of the combined gradient per step.
         ddp_module: the ``DistributedDataParallel`` wrapper of the model, when training with DDP; the
-            per-task gradients are then global (see :mod:`mb_kernels.distributed`). Under DDP the kernels
-            run in deterministic mode so that every rank computes bitwise the same weights.
+            per-task gradients are then global (see :mod:`mb_kernels.distributed`).
         ddp_mode: "exact" (all-reduce the per-task gradients) or "low_comm" (all-reduce norms and the
             combined gradient only; approximate weights).
 
@@ -67,7 +59,6 @@ class MetaBalance(torch.optim.Optimizer):
         strategy: str = "C",
         fused: bool | None = None,
         backend: str | None = None,
-        deterministic: bool = False,
         skip_nonfinite_steps: bool = False,
         ddp_module: torch.nn.Module | None = None,
         ddp_mode: str = "exact",
@@ -75,9 +66,9 @@ class MetaBalance(torch.optim.Optimizer):
         self._skip_nonfinite_steps = skip_nonfinite_steps
         self._fused = fused
         self._backend_request = backend
-        self._backends: dict[str, tuple[str, Any]] = {}
+        self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
-        defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy, deterministic=deterministic)
+        defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
         super().__init__(params, defaults)
         self._ddp: DistributedSync | None = None
         if ddp_module is not None:
@@ -176,9 +167,11 @@ class MetaBalance(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`. The moving averages keep their float32 (or float64)
         dtype; ``torch.optim.Optimizer`` would otherwise cast them to the parameter dtype."""
-        saved_groups = state_dict["param_groups"]
+        # States saved before 0.2 carry a `deterministic` flag that no backend ever read: drop it.
+        saved_groups = [{k: v for k, v in g.items() if k != "deterministic"} for g in state_dict["param_groups"]]
         for group in saved_groups:
             _check_hyperparameters(group)
+        state_dict = {**state_dict, "param_groups": saved_groups}
         super().load_state_dict(state_dict)
         ids = [pid for group in saved_groups for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -210,30 +203,30 @@ class MetaBalance(torch.optim.Optimizer):
         if self._buckets is None or self._buckets[0][1].num_tasks != num_tasks:
             self._buckets = self._build_buckets(num_tasks)
         buckets = [bucket for _, bucket in self._buckets]
-        ddp = self._ddp
-        saved, reached = backward_per_task(losses, buckets)
-        restore_grads(buckets, saved)
-        with torch.no_grad():
-            if ddp is not None:
-                ddp.reduce_others()
-            previous_ema = [bucket.norm_ema.clone() for bucket in buckets] if self._skip_nonfinite_steps else None
-            outputs = []
-            for group, bucket in self._buckets:
-                combined = torch.empty(bucket.layout.numel, dtype=bucket.dtype, device=bucket.device)
-                hypers = (group["relax_factor"], group["beta"], group["strategy"])
-                if ddp is not None and ddp.mode == "low_comm":
-                    ddp.balance_low_comm(bucket, combined, *hypers)
-                else:
-                    if ddp is not None:
-                        ddp.reduce_task_grads(bucket.task_grads)
-                    _, balance = self._backends[bucket.device.type]
-                    deterministic = group["deterministic"] or ddp is not None
-                    balance(bucket.task_grads, bucket.norm_ema, combined, bucket.layout, *hypers, deterministic)
-                outputs.append(combined)
-            if previous_ema is not None:
-                _revert_ema_if_nonfinite(buckets, outputs, previous_ema)
-            for bucket, combined, prior, hit in zip(buckets, outputs, saved, reached):
-                _add_combined(bucket, combined, prior, hit)
+        capture = capture_task_grads(losses, buckets)
+        try:
+            with torch.no_grad():
+                if self._ddp is not None:
+                    self._ddp.reduce_others()
+                previous_ema = [b.norm_ema.clone() for b in buckets] if self._skip_nonfinite_steps else None
+                outputs = []
+                for group, bucket in self._buckets:
+                    combined = torch.empty(bucket.layout.numel, dtype=bucket.dtype, device=bucket.device)
+                    hyper = Hyperparameters(group["relax_factor"], group["beta"], group["strategy"])
+                    self._balance_fn(bucket.device.type)(
+                        bucket.task_grads, bucket.norm_ema, combined, bucket.layout, hyper
+                    )
+                    outputs.append(combined)
+                if previous_ema is not None:
+                    _revert_ema_if_nonfinite(buckets, outputs, previous_ema)
+        except BaseException:
+            capture.abort()
+            raise
+        capture.commit(outputs)
+
+    def _balance_fn(self, device_type: str) -> BalanceFn:
+        _, balance = self._backends[device_type]
+        return balance if self._ddp is None else self._ddp.wrap(balance)
 
     # ---- diagnostics ---------------------------------------------------------------------------------
     def diagnostics(self) -> list[dict[str, Any]]:
@@ -261,21 +254,6 @@ def _revert_ema_if_nonfinite(buckets: list[Bucket], outputs: list[torch.Tensor],
         bucket.norm_ema.copy_(torch.where(all_finite.to(bucket.device), bucket.norm_ema, old))
 
 
-def _add_combined(bucket: Bucket, combined: torch.Tensor, prior: list, reached: list[bool]) -> None:
-    """Accumulate the balanced gradient onto ``.grad``; untouched params (no task reached) keep theirs."""
-    accumulate_into, accumulate_from = [], []
-    for p, view, had, hit in zip(bucket.params, bucket.combined_views(combined), prior, reached):
-        if not hit:
-            continue
-        if had is None:
-            p.grad = view
-        else:
-            accumulate_into.append(had)
-            accumulate_from.append(view)
-    if accumulate_into:
-        torch._foreach_add_(accumulate_into, accumulate_from)
-
-
 def _check_hyperparameters(group: dict[str, Any]) -> None:
     r = group.get("relax_factor")
     beta = group.get("beta")
@@ -289,5 +267,3 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             f"MetaBalance: unknown strategy {strategy!r}; expected 'A' (shrink auxiliaries larger than the "
             "target), 'B' (boost smaller ones) or 'C' (both, the default)"
         )
-    if not isinstance(group.get("deterministic", False), bool):
-        raise TypeError("MetaBalance: deterministic must be a bool")

@@ -8,7 +8,7 @@ cd "$root"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
 stamp="$venv/.mb_kernels_stamp"
-want="$(cat requirements-dev.txt setup.py pyproject.toml csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h 2>/dev/null | sha1sum | cut -c1-16)"
+want="$(cat requirements-dev.txt setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h 2>/dev/null | sha1sum | cut -c1-16)"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import mb_kernels" 2>/dev/null; then
   exit 0

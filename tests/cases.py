@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from mb_kernels._types import FlatLayout
-from mb_kernels.reference import balance_torch, balance_weights
+from mb_kernels.backends.contract import Hyperparameters
+from mb_kernels.backends.reference import balance_torch, balance_weights
+from mb_kernels.layout import FlatLayout
 
 SIZE_CASES = {
     "empty": [0],
@@ -53,7 +54,7 @@ def random_task_grads(
     return grads.to(dtype).to(device)
 
 
-def run_steps(backend_fn, grads_per_step, sizes, relax_factor, beta, strategy, deterministic=False, state_dtype=None):
+def run_steps(backend_fn, grads_per_step, sizes, relax_factor, beta, strategy, state_dtype=None):
     """Run a backend over several steps on a fresh EMA; returns (outputs per step, final EMA)."""
     first = grads_per_step[0]
     num_tasks = first.shape[0]
@@ -63,7 +64,7 @@ def run_steps(backend_fn, grads_per_step, sizes, relax_factor, beta, strategy, d
     outs = []
     for grads in grads_per_step:
         out = torch.full((grads.shape[1],), float("nan"), dtype=grads.dtype, device=grads.device)  # poison
-        backend_fn(grads, norm_ema, out, layout, relax_factor, beta, strategy, deterministic)
+        backend_fn(grads, norm_ema, out, layout, Hyperparameters(relax_factor, beta, strategy))
         outs.append(out)
     return outs, norm_ema
 
@@ -77,7 +78,7 @@ def truth(grads_per_step, sizes, relax_factor, beta, strategy):
     size_tensor = torch.tensor(sizes, dtype=torch.int64)
     for grads in grads64:
         out = torch.empty(grads.shape[1], dtype=torch.float64)
-        balance_torch(grads, norm_ema, out, layout, relax_factor, beta, strategy)
+        balance_torch(grads, norm_ema, out, layout, Hyperparameters(relax_factor, beta, strategy))
         weights = balance_weights(norm_ema, relax_factor, strategy)
         per_element = weights.t().repeat_interleave(size_tensor, dim=1, output_size=grads.shape[1])
         scales.append((per_element * grads).abs().sum(0))

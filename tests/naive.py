@@ -1,8 +1,8 @@
-"""A deliberately naive, per-tensor, per-task transcription of MetaBalance (paper Algorithm 2, DESIGN §1).
+"""A deliberately naive, per-tensor, per-task transcription of MetaBalance (paper Algorithm 2; docs/design.md §1).
 
-Written independently of mb_kernels (no shared helpers) so that it can check the reference. It is also
-the "original-style" baseline of the benchmarks: Python loops over tensors and tasks, one small op at a
-time, as the original implementation computes.
+Written independently of mb_kernels (no shared helpers) so that it checks the reference (tests/test_reference.py)
+and the benchmarks' original-style baseline (``bench.common.original_style_step``, checked against this in
+bench/test_bench_kernels.py). It is not itself timed.
 """
 
 from __future__ import annotations

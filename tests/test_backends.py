@@ -33,12 +33,15 @@ def test_backend_matches_reference(device, backend, size_case, dtype, num_tasks,
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS, ids=lambda x: str(x))
-def test_deterministic_mode_is_bitwise_reproducible(device, backend):
-    sizes = SIZE_CASES["odd-mix"]
-    grads = [random_task_grads(11 + s, sizes, 4, torch.float32, device) for s in range(3)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_backend_is_bitwise_reproducible(device, backend, dtype):
+    """Run-to-run bitwise reproducibility is a property of every backend (there is no non-deterministic path):
+    the same inputs give the same bits, also on fresh layouts (no state carried between the runs)."""
+    sizes = SIZE_CASES["odd-mix"] + [70_001]
+    grads = [random_task_grads(11 + s, sizes, 4, dtype, device) for s in range(3)]
     fn = BACKENDS[backend].loader()
-    first = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)
-    second = run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True)
+    first = run_steps(fn, grads, sizes, 0.7, 0.9, "C")
+    second = run_steps(fn, grads, sizes, 0.7, 0.9, "C")
     for a, b in zip(first[0], second[0]):
         assert torch.equal(a, b)
     assert torch.equal(first[1], second[1])

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mb_kernels._types import FlatLayout
+from mb_kernels.backends.contract import Hyperparameters
+from mb_kernels.layout import FlatLayout
 from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
 
-triton_backend = pytest.importorskip("mb_kernels.triton_backend", reason="triton is not installed")
-from mb_kernels import triton_kernels  # noqa: E402  (needs triton, checked just above)
+triton_backend = pytest.importorskip("mb_kernels.backends.triton", reason="triton is not installed")
+from mb_kernels.backends import triton_kernels  # noqa: E402  (needs triton, checked just above)
 
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (
     ["cuda"] if torch.cuda.is_available() else []
@@ -82,22 +83,24 @@ def test_matches_reference(device, case):
 
 
 def test_chunk_table_covers_every_column_once():
-    """Chunks tile each tensor in order without gaps or overlap; an empty tensor owns one empty chunk; no tensor
-    has more than _MAX_CHUNKS_PER_TENSOR chunks (launch 2 reads that many partial rows per program)."""
+    """Chunks tile each tensor in order without gaps or overlap, in whole BLOCKs but the last; an empty tensor
+    owns one empty chunk; no tensor has more than _MAX_CHUNKS_PER_TENSOR chunks (launch 2 reads that many partial
+    rows per program); every row names its tensor's first chunk and chunk count."""
     sizes = [0, 1, 1023, 1024, 1025, 70_000, 3_000_000_000, 0]
     layout = FlatLayout(tuple(sizes), torch.zeros(len(sizes) + 1, dtype=torch.int64))
     block = 1024
-    table, first, align = triton_backend.chunk_tables(layout, block, torch.device("cpu"))
-    assert triton_backend.chunk_tables(layout, block, torch.device("cpu"))[0] is table  # cached
-    assert align == 1 and first[0] == 0 and first[-1] == table.shape[0]
+    table = triton_backend.chunk_table(layout, block, torch.device("cpu"))
+    assert triton_backend.chunk_table(layout, block, torch.device("cpu")) is table  # cached
+    assert table.shape[1] == 5
     offset = 0
     for p, size in enumerate(sizes):
-        rows = table[first[p] : first[p + 1]].tolist()
+        rows = table[table[:, 0] == p].tolist()
+        first = int((table[:, 0] == p).nonzero()[0, 0])
         assert 1 <= len(rows) <= triton_backend._MAX_CHUNKS_PER_TENSOR
-        assert all(row[0] == p for row in rows)
+        assert all(row[3] == first and row[4] == len(rows) for row in rows)
         assert rows[0][1] == offset and rows[-1][2] == offset + size
         assert all(a[2] == b[1] for a, b in itertools.pairwise(rows))
-        assert all((stop - start) % block == 0 for _, start, stop in rows[:-1])
+        assert all((row[2] - row[1]) % block == 0 for row in rows[:-1])
         offset += size
 
 
@@ -105,12 +108,16 @@ def test_chunk_table_covers_every_column_once():
 def test_multi_block_chunks_and_partial_loops(device, monkeypatch):
     """Shrunk tuning constants so that small tensors exercise the paths big ones take on a GPU: chunks of
     several BLOCKs with a ragged last one, and several R_BLOCK steps when summing a tensor's partial rows."""
-    monkeypatch.setattr(triton_backend, "_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(triton_backend, "_TILE_BYTES", 256)
     monkeypatch.setattr(triton_backend, "_MIN_BLOCK", 16)
-    monkeypatch.setattr(triton_backend, "_CHUNKS_PER_SQRT_BLOCK", 2)
+    monkeypatch.setattr(triton_backend, "_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(triton_backend, "_MAX_CHUNKS_PER_TENSOR", 40)
     monkeypatch.setattr(triton_backend, "_R_BLOCK", 8)
     sizes = [5000, 3, 0, 130]
-    assert triton_backend._chunk_counts(5000, triton_backend._block_size(4)) == (9, 35)
+    block = triton_backend._block_size(4, 4)
+    table = triton_backend.chunk_table(FlatLayout.from_sizes(sizes, "cpu"), block, torch.device("cpu"))
+    # 5000 columns in chunks of 8 BLOCKs of 16 (the 40-chunk cap): 40 chunks, the last one ragged.
+    assert block == 16 and table[0].tolist() == [0, 0, 128, 0, 40] and table[39].tolist() == [0, 4992, 5000, 0, 40]
     grads = [random_task_grads(41, sizes, 4, torch.float32, device)]
     outs, ema = run_steps(balance_triton, grads, sizes, 0.7, 0.9, "C")
     assert_matches_truth(outs, ema, truth(grads, sizes, 0.7, 0.9, "C"), 4, label="multi-block chunks")
@@ -159,8 +166,8 @@ def _ptx_access_widths() -> dict[str, list[str]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    norms_args = ["grads_ptr", "ema_ptr", "ema_old_ptr", "partials_ptr", "chunk_ptr", "first_ptr"]
-    combine_args = ["grads_ptr", "out_ptr", "ema_ptr", "ema_old_ptr", "partials_ptr", "chunk_ptr", "first_ptr"]
+    norms_args = ["grads_ptr", "ema_ptr", "ema_old_ptr", "partials_ptr", "chunk_ptr"]
+    combine_args = ["grads_ptr", "out_ptr", "ema_ptr", "ema_old_ptr", "partials_ptr", "chunk_ptr"]
     report = {}
     for dtype, vec in (("fp32", 4), ("bf16", 8)):
         for aligned in (True, False):
@@ -177,12 +184,7 @@ def _ptx_access_widths() -> dict[str, list[str]]:
                 ),
             ):
                 types = [
-                    f"*{dtype}"
-                    if p in ("grads_ptr", "out_ptr")
-                    else "*i64"
-                    if "chunk" in p or "first" in p
-                    else "*fp32"
-                    for p in ptrs
+                    f"*{dtype}" if p in ("grads_ptr", "out_ptr") else "*i64" if "chunk" in p else "*fp32" for p in ptrs
                 ] + scalars
                 names = list(fn.arg_names)
                 signature = dict(zip(names, types)) | {k: "constexpr" for k in constexprs}
@@ -217,13 +219,33 @@ def test_aligned_path_emits_16_byte_accesses():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bitwise_deterministic(device):
-    """No atomics: two runs, with deterministic=True or False, give the same bits."""
+    """No atomics: three runs give the same bits."""
     grads = [random_task_grads(21 + step, SIZES, 4, torch.float32, device) for step in range(2)]
-    runs = [run_steps(balance_triton, grads, SIZES, 0.7, 0.9, "C", deterministic=flag) for flag in (True, True, False)]
+    runs = [run_steps(balance_triton, grads, SIZES, 0.7, 0.9, "C") for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0][0], other[0]):
             assert torch.equal(a, b)
         assert torch.equal(runs[0][1], other[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_launch_plan_is_built_once_per_layout(device, launches):
+    """The per-call host work is layout-cached: the chunk table, tile, grid and scratch buffers are built on the
+    first call of a (layout, task count, dtype) and reused by every later call; a new task count builds one more."""
+    sizes = [5, 0, 130, 4097]
+    layout = FlatLayout.from_sizes(sizes, device)
+    builds = triton_backend.plan_builds
+    grads = [random_task_grads(60 + step, sizes, 3, torch.float32, device) for step in range(3)]
+    ema = torch.zeros(len(sizes), 3, device=device)
+    for g in grads:
+        balance_triton(g, ema, torch.empty(g.shape[1], device=device), layout, Hyperparameters(0.7, 0.9, "C"))
+    assert triton_backend.plan_builds == builds + 1
+    assert len([key for key in layout.cache if key[0] == "chunk_table"]) == 1
+    assert len(launches) == 6 and len({grid for _, grid, _ in launches}) == 1
+    four = random_task_grads(70, sizes, 4, torch.float32, device)
+    ema4 = torch.zeros(len(sizes), 4, device=device)
+    balance_triton(four, ema4, torch.empty(four.shape[1], device=device), layout, Hyperparameters(0.7, 0.9, "C"))
+    assert triton_backend.plan_builds == builds + 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,10 +267,10 @@ def test_two_kernels_in_profiler():
     layout = FlatLayout.from_sizes(sizes, "cuda")
     ema = torch.zeros(len(sizes), 4, device="cuda")
     out = torch.empty(grads.shape[1], device="cuda")
-    balance_triton(grads, ema, out, layout, 0.7, 0.9, "C")  # compile and cache the chunk table
+    balance_triton(grads, ema, out, layout, Hyperparameters(0.7, 0.9, "C"))  # compile and cache the chunk table
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        balance_triton(grads, ema, out, layout, 0.7, 0.9, "C")
+        balance_triton(grads, ema, out, layout, Hyperparameters(0.7, 0.9, "C"))
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     names = [e.name for e in kernels]
@@ -281,7 +303,7 @@ def test_empty_tensors_still_decay(device):
     ema = torch.full((3, 2), 2.0, device=device)
     grads = torch.ones(2, 3, device=device)
     out = torch.empty(3, device=device)
-    balance_triton(grads, ema, out, layout, 0.5, 0.25, "C")
+    balance_triton(grads, ema, out, layout, Hyperparameters(0.5, 0.25, "C"))
     assert torch.equal(ema[0].cpu(), torch.full((2,), 0.5)) and torch.equal(ema[2].cpu(), torch.full((2,), 0.5))
     only_empty = torch.full((2, 2), 4.0, device=device)
     balance_triton(
@@ -289,9 +311,7 @@ def test_empty_tensors_still_decay(device):
         only_empty,
         torch.empty(0, device=device),
         FlatLayout.from_sizes([0, 0], device),
-        0.5,
-        0.5,
-        "C",
+        Hyperparameters(0.5, 0.5, "C"),
     )
     assert torch.equal(only_empty.cpu(), torch.full((2, 2), 2.0))
 
@@ -301,16 +321,15 @@ def test_opcheck(device):
     sizes = [3, 0, 9]
     grads = random_task_grads(2, sizes, 3, torch.float32, device)
     layout = FlatLayout.from_sizes(sizes, device)
-    block = triton_backend._block_size(3)
-    table, first, align = triton_backend.chunk_tables(layout, block, grads.device)
+    block = triton_backend._block_size(3, 4)
+    table = triton_backend.chunk_table(layout, block, grads.device)
     args = (
         grads,
         torch.rand(3, 3, device=device),
         torch.empty(12, device=device),
         table,
-        first,
         block,
-        align,
+        1,
         0.7,
         0.9,
         2,
@@ -326,7 +345,7 @@ def test_op_under_torch_compile_fullgraph(device):
     layout = FlatLayout.from_sizes(sizes, device)
 
     def step(g, ema, out):
-        balance_triton(g, ema, out, layout, 0.7, 0.9, "C")
+        balance_triton(g, ema, out, layout, Hyperparameters(0.7, 0.9, "C"))
         return out * 2
 
     eager_ema, eager_out = torch.rand(3, 3, device=device), torch.empty(135, device=device)

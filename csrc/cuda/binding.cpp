@@ -34,13 +34,11 @@ cuda::GradDtype to_grad_dtype(at::ScalarType dtype) {
 
 void metabalance_cuda(
     const at::Tensor& task_grads, const at::Tensor& offsets, const std::optional<at::Tensor>& chunks,
-    at::Tensor norm_ema, at::Tensor out, double relax_factor, double beta, int64_t strategy, bool deterministic) {
-  // Both launches are deterministic (per-chunk partials, fixed reduction order, no atomics): nothing to select.
-  (void)deterministic;
+    at::Tensor norm_ema, at::Tensor out, double relax_factor, double beta, int64_t strategy) {
   check_metabalance_args(task_grads, offsets, norm_ema, out, strategy);
   TORCH_CHECK(
       chunks.has_value(),
-      "mb_kernels::metabalance_: CUDA tensors need the chunk table (mb_kernels.ops.cuda_chunk_table(sizes, device))");
+      "mb_kernels::metabalance_: CUDA tensors need the chunk table (mb_kernels.layout.FlatLayout.chunk_table)");
   const at::Tensor& table = *chunks;
   TORCH_CHECK(
       table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == cuda::kChunkColumns &&
@@ -79,7 +77,7 @@ void metabalance_cuda(
   args.num_chunks = num_chunks;
   args.relax_factor = relax_factor;
   args.beta = beta;
-  args.strategy = static_cast<int>(strategy);
+  args.strategy = strategy;
   args.dtype = to_grad_dtype(task_grads.scalar_type());
   const cudaError_t err = cuda::launch_metabalance(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "mb_kernels::metabalance_: CUDA launch failed: ", cudaGetErrorString(err));

@@ -1,16 +1,16 @@
-// MetaBalance CUDA kernels: two launches per bucket, however many tensors (DESIGN §3, "Kernel shape").
+// MetaBalance CUDA kernels: two launches per bucket, however many tensors (docs/design.md §3, "two launches").
 //
-// The work table (mb_kernels.ops.cuda_chunk_table) splits every tensor into chunks, at least one per tensor, and
+// The work table (mb_kernels.layout.FlatLayout.chunk_table) splits every tensor into chunks, at least one per tensor, and
 // both launches run one thread block per chunk:
 //   launch 1 (metabalance_norms_kernel): per (chunk, task) squared sum -> partials[chunk, task]; the first chunk of
 //            each tensor also copies the tensor's pre-step averages norm_ema[p, :] -> ema_old[p, :].
 //   launch 2 (metabalance_combine_kernel): every block of tensor p reduces p's partials in a fixed order, updates
-//            the EMA from ema_old (DESIGN §1.3), computes the weights (§1.4) and writes its span of
-//            G = g_0 + sum_t w_t g_t (§1.5); the first chunk's block writes the new averages to norm_ema.
+//            the EMA from ema_old and computes the weights (metabalance_math.h, shared with the CPU kernel), and
+//            writes its span of G = g_0 + sum_t w_t g_t; the first chunk's block writes the new averages to norm_ema.
 // Race freedom: norm_ema is read only in launch 1 and written only in launch 2, which the stream orders after it;
 // in launch 2 every block reads the old averages from ema_old, which nobody writes there. Determinism: no
 // atomics; every sum has a fixed assignment of elements to threads and a fixed reduction tree, so results are
-// bitwise reproducible and the `deterministic` flag needs no separate path.
+// bitwise reproducible run to run.
 //
 // Kernel code depends on CUDA headers only, so `nvcc -c` checks it without torch (scripts/check_cuda.sh).
 #include <cuda_bf16.h>
@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "metabalance.h"
+#include "metabalance_math.h"
 
 namespace mb_kernels {
 namespace cuda {
@@ -180,12 +181,6 @@ __device__ __forceinline__ void combine_span(
   }
 }
 
-template <typename acc_t>
-struct Hyper {
-  acc_t beta, one_minus_beta, relax, one_minus_relax;
-  int strategy;  // 0 = "A" (rescale when m_t > m_0), 1 = "B" (m_t < m_0), 2 = "C" (always)
-};
-
 // Launch 1: partials[c, t] = sum of g[t, chunk c]^2; the first chunk of each tensor saves its pre-step averages.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) metabalance_norms_kernel(
@@ -239,23 +234,14 @@ __global__ void __launch_bounds__(kThreads) metabalance_combine_kernel(
     if (threadIdx.x == 0) w[t] = sum;
   }
   if (threadIdx.x == 0) {
+    // w holds the squared norms; after this block, the weights. The averages are written to norm_ema by the
+    // first chunk only (the others read ema_old, which nobody writes in this launch).
     for (int t = 0; t < num_tasks; ++t) {
-      const acc_t norm = sqrt(w[t]);
-      const acc_t old = ema_old[p * num_tasks + t];
-      // A NaN/Inf gradient leaves the moving average unchanged.
-      w[t] = isfinite(norm) ? old * hyper.beta + norm * hyper.one_minus_beta : old;
-    }
-    if (c == first) {
-      for (int t = 0; t < num_tasks; ++t) norm_ema[p * num_tasks + t] = w[t];
+      w[t] = ema_step(ema_old[p * num_tasks + t], sqrt(w[t]), hyper);
+      if (c == first) norm_ema[p * num_tasks + t] = w[t];
     }
     const acc_t target = w[0];
-    for (int t = 1; t < num_tasks; ++t) {
-      const acc_t m = w[t];
-      bool rescale = hyper.strategy == 2 || (hyper.strategy == 0 ? m > target : m < target);
-      rescale = rescale && m != acc_t(0);  // m == 0: the task never reached the tensor; w = 1, never 0/0
-      // (m0/m - 1) r + 1 evaluated as r m0/m + (1 - r): both terms >= 0, no cancellation.
-      w[t] = rescale ? (target / m) * hyper.relax + hyper.one_minus_relax : acc_t(1);
-    }
+    for (int t = 1; t < num_tasks; ++t) w[t] = aux_weight(w[t], target, hyper);
     w[0] = acc_t(1);
   }
   __syncthreads();
@@ -274,10 +260,7 @@ cudaError_t launch_typed(const BalanceArgs& args, cudaStream_t stream) {
       static_cast<acc_t*>(args.ema_old), static_cast<acc_t*>(args.partials));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // Hyperparameters rounded to the state dtype, as the reference's float32 tensor arithmetic does.
-  const Hyper<acc_t> hyper{
-      static_cast<acc_t>(args.beta), static_cast<acc_t>(1.0 - args.beta), static_cast<acc_t>(args.relax_factor),
-      static_cast<acc_t>(1.0 - args.relax_factor), args.strategy};
+  const Hyper<acc_t> hyper = Hyper<acc_t>::make(args.relax_factor, args.beta, args.strategy);
   const size_t smem = static_cast<size_t>(args.num_tasks) * sizeof(acc_t);
   metabalance_combine_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
       grads, args.chunks, args.numel, num_tasks, static_cast<const acc_t*>(args.ema_old),

@@ -11,7 +11,8 @@ namespace cuda {
 
 enum class GradDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
-// Columns of one row of the chunk table (int64 [num_chunks, kChunkColumns], built by mb_kernels.ops).
+// Columns of one row of the chunk table (int64 [num_chunks, kChunkColumns], built by mb_kernels.layout; the Triton
+// kernels read the same format).
 enum ChunkColumn : int { kChunkTensor = 0, kChunkBegin, kChunkEnd, kChunkFirst, kChunkCount, kChunkColumns };
 
 // Most tasks per call: the weights live in dynamic shared memory.
@@ -29,7 +30,7 @@ struct BalanceArgs {
   int64_t num_chunks;
   double relax_factor;
   double beta;
-  int strategy;  // 0 = "A", 1 = "B", 2 = "C"
+  int64_t strategy;  // metabalance_math.h Strategy
   GradDtype dtype;
 };
 

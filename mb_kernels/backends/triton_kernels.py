@@ -1,11 +1,33 @@
-"""The two Triton kernels of the MetaBalance step (launchers and math: :mod:`mb_kernels.triton_backend`).
+r"""The two Triton kernels of the MetaBalance step; the launcher is :mod:`mb_kernels.backends.triton`, the math
+is stated once in :mod:`mb_kernels.backends.reference`.
 
 Both kernels take one *chunk* per program: a run of columns ``[start, stop)`` of the flat ``[T, N]``
-workspace that lies inside one tensor p. The chunk table (``chunk_ptr``, ``[C, 3]`` int64: p, start, stop)
-and ``first_ptr`` (``[P + 1]`` int64: the first chunk of each tensor, with a final C) are built once per
-layout on the host. Every tensor owns at least one chunk, even an empty one (start == stop).
+workspace that lies inside one tensor p. The chunk table (``chunk_ptr``, int64 ``[C, 5]`` rows: p, start, stop,
+first chunk of p, number of chunks of p; :meth:`mb_kernels.layout.FlatLayout.chunk_table`) is built once per
+layout. Every tensor owns at least one chunk, even an empty one (start == stop).
 
-Importing this module needs Triton; :mod:`mb_kernels.triton_backend` turns its absence into a clear error.
+* Launch 1 (``metabalance_norms_kernel``, one program per chunk): ``partials[c, t] = Σ g_t²`` over the
+  chunk, into a ``[C, T]`` buffer (no atomics). Each tensor's first chunk also copies its EMA row into a
+  scratch ``ema_old``.
+* Launch 2 (``metabalance_combine_kernel``, one program per chunk): sums its tensor's partial rows in a
+  fixed order, takes the square root, updates the EMA, evaluates the strategy and the weights in-kernel
+  (strategy is a compile-time constant; no host sync on tensor values), and writes G for its chunk.
+
+Why it is race-free and deterministic.
+  1. Launch 2 needs the pre-step EMA in every program of a tensor but only one program may write the new
+     one. If programs read ``norm_ema`` itself, the first chunk's write could land before a later chunk's
+     read (programs of a grid run in any order), which would apply the EMA twice. So in launch 2
+     ``norm_ema`` is *write-only* (row p written by exactly one program, the first chunk of p; every tensor
+     has one, so every row is written) and the pre-step values are read from ``ema_old``, which launch 1
+     wrote (row p by exactly one program) and launch 2 only reads. Kernel launches on one stream are
+     ordered, so every read of ``ema_old`` and of ``partials`` in launch 2 sees launch 1's complete writes.
+  2. ``partials`` row c and ``out[start_c:stop_c]`` are written by program c only; chunks do not overlap.
+  3. No atomics: the norms are a fixed-order sum of fixed partials, identical in every program of a tensor
+     and in every run, so the output is bitwise reproducible.
+  4. The scratch buffers are reused across calls of one layout: calls are ordered on the stream, and the next
+     call's launch 1 is enqueued after this call's launch 2.
+
+Importing this module needs Triton; :mod:`mb_kernels.backends.triton` turns its absence into a clear error.
 """
 
 from __future__ import annotations
@@ -36,15 +58,17 @@ def _round_to_bf16_bits(x):
 
 
 @triton.jit
-def _chunk_bounds(chunk_ptr, c, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """Row c of the chunk table: (tensor, first column, end column), with the alignment hint on the aligned path."""
-    p = tl.load(chunk_ptr + c * 3)
-    start = tl.load(chunk_ptr + c * 3 + 1)
-    stop = tl.load(chunk_ptr + c * 3 + 2)
+def _chunk_row(chunk_ptr, c, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row c of the chunk table: (tensor, first column, end column, tensor's first chunk, its chunk count), with
+    the alignment hint on the aligned path."""
+    row = chunk_ptr + c * 5
+    p = tl.load(row)
+    start = tl.load(row + 1)
+    stop = tl.load(row + 2)
     if ALIGNED:  # the host checked that every boundary is a multiple of VEC elements (16 bytes)
         start = tl.multiple_of(start, VEC)
         stop = tl.multiple_of(stop, VEC)
-    return p, start, stop
+    return p, start, stop, tl.load(row + 3), tl.load(row + 4)
 
 
 @triton.jit
@@ -53,8 +77,7 @@ def metabalance_norms_kernel(
     ema_ptr,  # [P, T] moving averages before this step (read: each tensor's first chunk copies its row)
     ema_old_ptr,  # [P, T] scratch: launch 2 reads the pre-step averages from here (written here, once per row)
     partials_ptr,  # [C, T_BLOCK] per-chunk, per-task sums of squares (written: row c by program c only)
-    chunk_ptr,  # [C, 3] int64 chunk table: tensor, start column, stop column
-    first_ptr,  # [P + 1] int64: first chunk of each tensor
+    chunk_ptr,  # [C, 5] int64 chunk table: tensor, start column, stop column, first chunk, chunk count
     row_units,  # N // VEC: row t starts at t * row_units * VEC (a product the compiler knows is VEC-aligned)
     num_tasks,  # T
     BLOCK: tl.constexpr,  # columns per inner step
@@ -63,14 +86,14 @@ def metabalance_norms_kernel(
     ALIGNED: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 gradients
 ):
-    """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (paper Alg. 2: the norms ||g_t||)."""
+    """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (the norms ||g_t||, squared)."""
     c = tl.program_id(0)
-    p, start, stop = _chunk_bounds(chunk_ptr, c, VEC, ALIGNED)
+    p, start, stop, first, _ = _chunk_row(chunk_ptr, c, VEC, ALIGNED)
     tasks = tl.arange(0, T_BLOCK)
     task_mask = tasks < num_tasks
-    # Snapshot of the pre-step EMA for launch 2 (see triton_backend's note on races): one program per tensor.
+    # Snapshot of the pre-step EMA for launch 2 (see the note on races above): one program per tensor.
     # (A vector compare, not `task_mask & scalar_bool`: the interpreter of Triton 3.9 turns that into int32.)
-    row_mask = tasks < tl.where(tl.load(first_ptr + p) == c, num_tasks, 0)
+    row_mask = tasks < tl.where(first == c, num_tasks, 0)
     old = tl.load(ema_ptr + p * num_tasks + tasks, mask=row_mask, other=0.0)
     tl.store(ema_old_ptr + p * num_tasks + tasks, old, mask=row_mask)
 
@@ -94,8 +117,7 @@ def metabalance_combine_kernel(
     ema_ptr,  # [P, T] moving averages (written only: row p by the first chunk of tensor p)
     ema_old_ptr,  # [P, T] pre-step moving averages from launch 1 (read only)
     partials_ptr,  # [C, T_BLOCK] per-chunk sums of squares from launch 1 (read only)
-    chunk_ptr,  # [C, 3] int64 chunk table: tensor, start column, stop column
-    first_ptr,  # [P + 1] int64: first chunk of each tensor
+    chunk_ptr,  # [C, 5] int64 chunk table: tensor, start column, stop column, first chunk, chunk count
     row_units,  # N // VEC
     num_tasks,  # T
     relax,  # r
@@ -107,15 +129,14 @@ def metabalance_combine_kernel(
     R_BLOCK: tl.constexpr,  # partial rows summed per step
     VEC: tl.constexpr,
     ALIGNED: tl.constexpr,
-    STRATEGY: tl.constexpr,  # index into _types.STRATEGIES: 0 = "A", 1 = "B", 2 = "C"
+    STRATEGY: tl.constexpr,  # index into contract.STRATEGIES: 0 = "A", 1 = "B", 2 = "C"
     ACC: tl.constexpr,
     SOFT_BF16: tl.constexpr,  # round to bfloat16 by integer arithmetic (interpreter only, see _round_to_bf16_bits)
 ):
     """Launch 2: n = sqrt(sum of the tensor's partials), EMA update, weights, and G for chunk c."""
     c = tl.program_id(0)
-    p, start, stop = _chunk_bounds(chunk_ptr, c, VEC, ALIGNED)
-    first = tl.load(first_ptr + p)
-    last = tl.load(first_ptr + p + 1)
+    p, start, stop, first, count = _chunk_row(chunk_ptr, c, VEC, ALIGNED)
+    last = first + count
     tasks = tl.arange(0, T_BLOCK)
     task_mask = tasks < num_tasks
 

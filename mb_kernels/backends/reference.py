@@ -1,7 +1,8 @@
 r"""Pure-torch MetaBalance kernel: the semantic ground truth every fused backend is tested against.
 
-For one bucket (all balanced tensors of one device and dtype, laid out in a flat ``[T, N]`` workspace)
-and tasks t = 0..T-1 (t = 0 is the target), per tensor p (DESIGN §1, Algorithm 2 of the paper):
+This is where the math is stated, once (the other backends, the README and docs/design.md point here).
+For one bucket (all balanced tensors of one param group, device and dtype, laid out in a flat ``[T, N]``
+workspace) and tasks t = 0..T-1 (t = 0 is the target), per tensor p (Algorithm 2 of the paper):
 
 .. math::
     n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{accumulated in float32 or better} \\
@@ -10,15 +11,20 @@ and tasks t = 0..T-1 (t = 0 is the target), per tensor p (DESIGN §1, Algorithm 
                              1 & \text{otherwise} \end{cases} \\
     G_p &= g_{p,0} + \textstyle\sum_{t \ge 1} w_{p,t}\, g_{p,t}
 
-Strategy A rescales task t when m_t > m_0, B when m_t < m_0, C always. Every condition is a
-``torch.where`` on device tensors: no host synchronisation on tensor values.
+Strategy A rescales task t when m_t > m_0, B when m_t < m_0, C always. ``r`` is the relax factor
+(r = 0: plain sum, Vanilla-Multi; r = 1: every rescaled auxiliary gets the target's magnitude), ``beta`` the
+moving-average factor (m = 0 before the first step). The weight is the paper's (m_0/m_t - 1) r + 1, evaluated as
+r m_0/m_t + (1 - r) (see :func:`balance_weights`). G is accumulated in the state dtype and rounded once into
+the gradient dtype. Every condition is a ``torch.where`` on device tensors: no host synchronisation on tensor
+values.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._types import FlatLayout, state_dtype, strategy_index
+from ..layout import FlatLayout
+from .contract import Hyperparameters, state_dtype, strategy_index
 
 
 def balance_weights(norm_ema: torch.Tensor, relax_factor: float, strategy: str) -> torch.Tensor:
@@ -74,17 +80,11 @@ def balance_torch(
     norm_ema: torch.Tensor,
     out: torch.Tensor,
     layout: FlatLayout,
-    relax_factor: float,
-    beta: float,
-    strategy: str,
-    deterministic: bool = False,
+    hyper: Hyperparameters,
 ) -> None:
-    """Reference backend. ``task_grads`` [T, N] (read), ``norm_ema`` [P, T] (updated), ``out`` [N] (written).
-
-    ``deterministic`` is accepted for the common signature; this path is always run-to-run deterministic.
-    """
-    del deterministic
-    strategy_index(strategy)  # validates before anything is written
+    """Reference backend (:class:`~mb_kernels.backends.contract.BalanceFn`): ``task_grads`` [T, N] (read),
+    ``norm_ema`` [P, T] (updated), ``out`` [N] (written)."""
+    strategy_index(hyper.strategy)  # validates before anything is written
     norms = tensor_norms(task_grads, layout)
-    update_norm_ema(norm_ema, norms.to(norm_ema.dtype), beta)
-    combine(task_grads, balance_weights(norm_ema, relax_factor, strategy), layout, out)
+    update_norm_ema(norm_ema, norms.to(norm_ema.dtype), hyper.beta)
+    combine(task_grads, balance_weights(norm_ema, hyper.relax_factor, hyper.strategy), layout, out)

@@ -1,4 +1,4 @@
-"""The compiled op ``mb_kernels::metabalance_`` on CPU (and on CUDA when a GPU and the CUDA build are present).
+"""The compiled op ``mb_kernels::metabalance_`` on CPU and, when a GPU and the CUDA build are present, on CUDA.
 
 Checks: torch.library.opcheck (schema, fake kernel, mutation annotations); the op against the float64 reference on
 edge sizes (0, 1, 3, 4097, 1M+1 elements, >= 1000 tensors in one group, misaligned storage) with the tolerances
@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mb_kernels._types import FlatLayout
-from mb_kernels.reference import balance_torch
+from mb_kernels.backends.contract import Hyperparameters
+from mb_kernels.backends.reference import balance_torch
+from mb_kernels.layout import FlatLayout
 from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
 
-ops = pytest.importorskip("mb_kernels.ops")
+ops = pytest.importorskip("mb_kernels.backends.compiled")
 try:
     ops.compiled_backend("cpu")
 except (ImportError, RuntimeError) as err:  # pure-Python install
@@ -41,7 +42,9 @@ STEPS = 3
 
 
 def _chunks(sizes, device):
-    return ops.cuda_chunk_table(tuple(sizes), device) if torch.device(device).type == "cuda" else None
+    if torch.device(device).type != "cuda":
+        return None
+    return ops.cuda_chunk_table(FlatLayout.from_sizes(sizes, device), device)
 
 
 def _op_args(sizes, num_tasks, dtype, device, seed=0):
@@ -67,7 +70,7 @@ def _op_args(sizes, num_tasks, dtype, device, seed=0):
 def test_opcheck(device, sizes, num_tasks, dtype):
     grads, offsets, chunks, norm_ema, out = _op_args(sizes, num_tasks, dtype, device)
     torch.library.opcheck(
-        torch.ops.mb_kernels.metabalance_.default, (grads, offsets, chunks, norm_ema, out, 0.7, 0.9, 2, False)
+        torch.ops.mb_kernels.metabalance_.default, (grads, offsets, chunks, norm_ema, out, 0.7, 0.9, 2)
     )
 
 
@@ -118,7 +121,7 @@ def test_misaligned_storage(device, dtype):
     outs = []
     for step_grads in grads:
         out = torch.full((n + 3,), float("nan"), dtype=dtype, device=device)[3:]
-        fn(step_grads, norm_ema, out, layout, 0.7, 0.9, "C", False)
+        fn(step_grads, norm_ema, out, layout, Hyperparameters(0.7, 0.9, "C"))
         outs.append(out)
     assert_matches_truth(outs, norm_ema, truth(grads, sizes, 0.7, 0.9, "C"), num_tasks, label=f"{device} misaligned")
 
@@ -131,7 +134,7 @@ def _run_twice(fn, device, sizes, num_threads=None):
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            results.append(run_steps(fn, grads, sizes, 0.7, 0.9, "C", deterministic=True))
+            results.append(run_steps(fn, grads, sizes, 0.7, 0.9, "C"))
         finally:
             torch.set_num_threads(previous)
     return results
@@ -160,8 +163,8 @@ def test_nonfinite_gradient_keeps_ema_and_poisons_output(device, dtype):
     ema, ref_ema = start.clone(), start.clone()
     out = torch.empty(sum(sizes), dtype=dtype, device=device)
     ref_out = torch.empty_like(out)
-    ops.compiled_backend(device)(grads, ema, out, layout, 0.7, 0.9, "C", False)
-    balance_torch(grads, ref_ema, ref_out, layout, 0.7, 0.9, "C")
+    ops.compiled_backend(device)(grads, ema, out, layout, Hyperparameters(0.7, 0.9, "C"))
+    balance_torch(grads, ref_ema, ref_out, layout, Hyperparameters(0.7, 0.9, "C"))
     assert ema[1, 1] == start[1, 1] and ema[2, 2] == start[2, 2]
     torch.testing.assert_close(ema, ref_ema, rtol=2e-5, atol=0)
     assert torch.equal(out.isfinite(), ref_out.isfinite())
@@ -192,7 +195,7 @@ def test_bad_inputs_raise_and_leave_state_untouched(device, case):
     before = bad["ema"].clone()
     with pytest.raises(RuntimeError, match=message):
         torch.ops.mb_kernels.metabalance_(
-            bad["grads"], bad["offsets"], chunks, bad["ema"], bad["out"], 0.7, 0.9, bad["strategy"], False
+            bad["grads"], bad["offsets"], chunks, bad["ema"], bad["out"], 0.7, 0.9, bad["strategy"]
         )
     assert torch.equal(bad["ema"], before)
 
@@ -201,28 +204,28 @@ def test_cpu_rejects_inconsistent_offsets():
     grads, offsets, _, ema, out = _op_args([3, 50], 2, torch.float32, "cpu")
     before = ema.clone()
     with pytest.raises(RuntimeError, match=r"offsets\[-1\] = 52 must equal task_grads.size\(1\) = 53"):
-        torch.ops.mb_kernels.metabalance_(grads, offsets + torch.tensor([0, 0, -1]), None, ema, out, 0.7, 0.9, 2, False)
+        torch.ops.mb_kernels.metabalance_(grads, offsets + torch.tensor([0, 0, -1]), None, ema, out, 0.7, 0.9, 2)
     with pytest.raises(RuntimeError, match="offsets must be non-decreasing"):
-        torch.ops.mb_kernels.metabalance_(grads, torch.tensor([0, 60, 53]), None, ema, out, 0.7, 0.9, 2, False)
+        torch.ops.mb_kernels.metabalance_(grads, torch.tensor([0, 60, 53]), None, ema, out, 0.7, 0.9, 2)
     assert torch.equal(ema, before)
 
 
 def test_unknown_strategy_name_raises_value_error():
     grads, _, _, ema, out = _op_args([3], 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="unknown strategy 'D'"):
-        ops.compiled_backend("cpu")(grads, ema, out, FlatLayout.from_sizes([3], "cpu"), 0.7, 0.9, "D", False)
+        ops.compiled_backend("cpu")(grads, ema, out, FlatLayout.from_sizes([3], "cpu"), Hyperparameters(0.7, 0.9, "D"))
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="no CUDA build/GPU")
 def test_cuda_requires_chunk_table():
     grads, offsets, _, ema, out = _op_args([3, 50], 2, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="CUDA tensors need the chunk table"):
-        torch.ops.mb_kernels.metabalance_(grads, offsets, None, ema, out, 0.7, 0.9, 2, False)
+        torch.ops.mb_kernels.metabalance_(grads, offsets, None, ema, out, 0.7, 0.9, 2)
 
 
 def test_cuda_chunk_table_covers_every_tensor():
     sizes = (0, 5, 16_384, 16_385, 40_000_000)
-    table = ops.cuda_chunk_table(sizes, "cpu")
+    table = ops.cuda_chunk_table(FlatLayout.from_sizes(sizes, "cpu"), "cpu")
     assert table.shape[1] == 5
     tensors, begins, _, _, counts = table.unbind(1)
     assert tensors.unique().tolist() == list(range(len(sizes)))
@@ -233,12 +236,12 @@ def test_cuda_chunk_table_covers_every_tensor():
         assert torch.equal(rows[1:, 1], rows[:-1, 2])  # contiguous spans
         assert (rows[:, 3] == (tensors == p).nonzero()[0, 0]).all() and (rows[:, 4] == len(rows)).all()
     assert (counts <= ops.CUDA_MAX_CHUNKS).all()
-    assert ((begins - bounds[tensors]) % 1024 == 0).all()
+    assert ((begins - bounds[tensors]) % ops.CUDA_GRANULE == 0).all()
 
 
 _BASELINE_SCRIPT = """
 import torch
-from mb_kernels.ops import compiled_backend
+from mb_kernels.backends.compiled import compiled_backend
 from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
 fn = compiled_backend("cpu")
 sizes = [0, 1, 3, 31, 33, 4097, 70_001]
