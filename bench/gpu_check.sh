@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The single script to run on a GPU machine (H100/H200; torch + CUDA + triton in the system python3, no
-# network). Stages, each under its own timeout inside an overall budget (default 470 s, under 8 minutes):
+# network). Stages, each under its own timeout inside an overall budget (default 420 s, 7 minutes):
 #   1. build the extension in place (CUDA op for this GPU's architecture)      -> build.log
-#   2. the test suite on CUDA tensors (python3 -m pytest tests -q -x [-n 8])  -> tests.log
+#   2. the GPU test tier (python3 -m pytest -m gpu tests -q [-n 12])           -> tests.log
 #   3. launches per balancing call, per fused backend (torch.profiler)        -> launches.json
-#   4. kernel-level benchmarks on CUDA, then end-to-end training steps        -> kernels.json, e2e.json
-#   5. the summary table (bench/summarize.py), printed last                   -> summary.txt
-# Logs of stages 3-4 go to bench.log. Seven files in all (the device tool brings back at most eight).
+#   4. host enqueue vs device time per balancing call (bench/host_overhead.py) -> host_overhead.json
+#   5. kernel-level benchmarks on CUDA, then end-to-end training steps        -> kernels.json, e2e.json
+#   6. the summary table (bench/summarize.py), printed last                   -> summary.txt
+# Logs of stages 3-5 go to bench.log. Eight files in all (the device tool brings back at most eight).
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]     RESULTS_DIR defaults to $OUT, else bench/results/gpu-<time>
 #   bash bench/gpu_check.sh --dry-run DIR     print the stages and their limits, run nothing
 #   bash bench/gpu_check.sh --cpu DIR         exercise the script without a GPU: quick mode on CPU,
 #                                             no build, a small slice of the tests (GPU_CHECK_TEST_ARGS)
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (470), GPU_CHECK_TEST_ARGS (pytest arguments of
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (420), GPU_CHECK_TEST_ARGS (pytest arguments of
 # stage 2), BENCH_BUDGET_S (seconds of timed calls per benchmark, default 0.3 on CUDA), BENCH_DTYPES,
 # RECHUB_WHEEL (a torch-rechub wheel to install with --no-deps --no-index, since the machine has no network).
 set -uo pipefail # not -e: a failing stage is recorded and the next one still runs
@@ -26,7 +27,7 @@ for arg in "$@"; do
     --dry-run) dry_run=1 ;;
     --cpu) cpu_mode=1 ;;
     -h | --help)
-      sed -n '2,18p' "$0"
+      sed -n '2,19p' "$0"
       exit 0
       ;;
     *) results=$arg ;;
@@ -36,7 +37,7 @@ results=${results:-${OUT:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 py=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET_S:-470}
+budget=${GPU_CHECK_BUDGET_S:-420}
 reserve=15 # seconds kept for the summary
 start=$(date +%s)
 status="$results/summary.txt"
@@ -98,11 +99,11 @@ if ((cpu_mode)); then
   export BENCH_QUICK=1 BENCH_DEVICES=cpu
   test_args=${GPU_CHECK_TEST_ARGS:-"tests/test_backends.py -q -x -k C-r0.5-b0.9-4-torch.float32-odd-mix"}
 else
-  export BENCH_DEVICES=${BENCH_DEVICES:-cuda}
+  export BENCH_DEVICES=${BENCH_DEVICES:-cuda} BENCH_DTYPES=${BENCH_DTYPES:-float32,bfloat16}
   parallel=""
-  # The suite's CPU-side matrix is large: spread it over the machine's cores when pytest-xdist is there.
-  "$py" -c "import xdist" 2>/dev/null && parallel="-n 8"
-  test_args=${GPU_CHECK_TEST_ARGS:-"tests -q -x $parallel"}
+  # The tier's float64 truths are computed on the CPU: spread them over the cores when pytest-xdist is there.
+  "$py" -c "import xdist" 2>/dev/null && parallel="-n 12"
+  test_args=${GPU_CHECK_TEST_ARGS:-"-m gpu tests -q $parallel"}
   # Build only for this GPU (faster than every architecture); MAX_JOBS for ninja's parallel compiles.
   arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}
@@ -124,15 +125,18 @@ for name, backend in BACKENDS.items():
 "
 grep -E "^(cpu|cuda) backends:" "$results/build.log" 2>/dev/null | tee -a "$status"
 
-# ---- 2. tests on CUDA --------------------------------------------------------------------------------
+# ---- 2. the GPU test tier ---------------------------------------------------------------------------
 # shellcheck disable=SC2086 # test_args is a list of pytest arguments
-stage tests 120 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
+stage tests 180 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
 grep -E "(passed|failed|error)" "$results/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/tests: /' | tee -a "$status"
 
 # ---- 3. launches per step ----------------------------------------------------------------------------
 stage launches 40 "$results/bench.log" "$py" bench/count_launches.py --out "$results/launches.json"
 
-# ---- 4. benchmarks -----------------------------------------------------------------------------------
+# ---- 4. host enqueue vs device time -----------------------------------------------------------------------
+stage host 60 "$results/bench.log" "$py" bench/host_overhead.py --out "$results/host_overhead.json"
+
+# ---- 5. benchmarks -----------------------------------------------------------------------------------
 timeout_args=()
 if "$py" -c "import pytest_timeout" 2>/dev/null; then
   timeout_args=(--timeout=90) # pytest-timeout (auto-loaded): one hanging case fails alone, the JSON is still written
@@ -143,7 +147,7 @@ stage kernels 150 "$results/bench.log" "$py" -m pytest bench/test_bench_kernels.
 stage e2e 70 "$results/bench.log" "$py" -m pytest bench/test_bench_e2e.py "${bench_args[@]}" \
   --benchmark-json="$results/e2e.json"
 
-# ---- 5. summary, printed last --------------------------------------------------------------------------
+# ---- 6. summary, printed last --------------------------------------------------------------------------
 if ((dry_run)); then
   note "[dry-run] summary: $py bench/summarize.py kernels.json e2e.json --launches launches.json"
   exit 0

@@ -20,6 +20,11 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 if not any(name.startswith("mb_kernels/_C") for name in names):
     sys.exit(f"[wheel_smoke] the wheel lacks the compiled extension mb_kernels/_C: {names}")
+# The library only: no application code, tests or benchmarks.
+stray = [n for n in names if not (n.startswith("mb_kernels/") or n.startswith("mb_kernels-"))]
+if stray:
+    sys.exit(f"[wheel_smoke] the wheel ships files outside the library: {stray}")
+print(f"[wheel_smoke] wheel holds {len(names)} files, all under mb_kernels/ (library, extension, metadata)")
 PY
 
 echo "[wheel_smoke] installing it into a fresh venv with torch==$torch_version"

@@ -6,6 +6,8 @@ test modules import mb_kernels' Triton backend.
 
 import os
 
+import pytest
+
 try:
     import torch
 
@@ -15,3 +17,28 @@ except ImportError:  # pragma: no cover
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _uses_cuda(item) -> bool:
+    """Whether a collected test runs on CUDA tensors: a "cuda" device among its parameters (alone or in a
+    (device, backend) pair), or an explicit ``gpu`` mark."""
+    if item.get_closest_marker("gpu") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    for value in callspec.params.values():
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if v == "cuda" or (isinstance(v, torch.device) and v.type == "cuda"):
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier: ``pytest -m gpu tests`` selects every test that exercises CUDA tensors (run by
+    bench/gpu_check.sh on a GPU machine); the full suite stays CPU CI's."""
+    gpu = pytest.mark.gpu
+    for item in items:
+        if _uses_cuda(item):
+            item.add_marker(gpu)

@@ -216,6 +216,7 @@ def test_unknown_strategy_name_raises_value_error():
         ops.compiled_backend("cpu")(grads, ema, out, FlatLayout.from_sizes([3], "cpu"), Hyperparameters(0.7, 0.9, "D"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_available(), reason="no CUDA build/GPU")
 def test_cuda_requires_chunk_table():
     grads, offsets, _, ema, out = _op_args([3, 50], 2, torch.float32, "cuda")

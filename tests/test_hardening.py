@@ -13,6 +13,9 @@ from tests.cases import random_task_grads, run_steps
 from tests.models import TinyMultiTask, batch
 
 CPU_BACKENDS = available_backends("cpu")
+CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+# AMP runs on both device types: (device, backend) pairs.
+AMP_CASES = [("cpu", b) for b in CPU_BACKENDS] + [("cuda", b) for b in CUDA_BACKENDS]
 
 
 def _poison_task(model, task: int, value: float):
@@ -43,14 +46,15 @@ def test_non_finite_kernel_input_keeps_ema_and_poisons_output(backend):
     assert torch.isfinite(out[305:]).all()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_grad_scaler_overflow_skips_step_and_keeps_every_ema(backend):
+@pytest.mark.parametrize("case", AMP_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_grad_scaler_overflow_skips_step_and_keeps_every_ema(case):
+    device, backend = case
     torch.manual_seed(0)
-    model = TinyMultiTask()
+    model = TinyMultiTask().to(device)
     mb = MetaBalance(model.shared_parameters(), backend=backend, skip_nonfinite_steps=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    items, labels = batch(0)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    items, labels = (x.to(device) for x in batch(0))
     for _ in range(2):  # healthy steps
         optimizer.zero_grad(set_to_none=True)
         mb.step([scaler.scale(loss) for loss in model.losses(items, labels)])
@@ -72,18 +76,19 @@ def test_grad_scaler_overflow_skips_step_and_keeps_every_ema(backend):
         assert torch.equal(mb.state[p]["norm_ema"], ema[p]), "an EMA moved on a skipped step"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fp16_autocast_with_grad_scaler_trains(backend):
+@pytest.mark.parametrize("case", AMP_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_fp16_autocast_with_grad_scaler_trains(case):
+    device, backend = case
     torch.manual_seed(1)
-    model = TinyMultiTask()
+    model = TinyMultiTask().to(device)
     mb = MetaBalance(model.shared_parameters(), backend=backend, skip_nonfinite_steps=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    scaler = torch.amp.GradScaler("cpu")
-    items, labels = batch(0, size=256)
+    scaler = torch.amp.GradScaler(device)
+    items, labels = (x.to(device) for x in batch(0, size=256))
     first = None
     for _ in range(30):
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             losses = model.losses(items, labels)
         first = first if first is not None else losses[0].item()
         mb.step([scaler.scale(loss) for loss in losses])
@@ -161,9 +166,7 @@ def test_thousand_steps_do_not_grow_memory(backend):
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {steps - steps // 5} steps"
 
 
-CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
-
-
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_training_steps_match_reference(backend):
@@ -192,6 +195,18 @@ def test_fused_none_prefers_fused_backends():
     assert mb.backends == {"cpu": expected}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_none_on_cuda_prefers_the_cuda_op():
+    """On CUDA tensors fused=None takes the CUDA C++ op when it is built (faster than Triton in every case
+    measured), else Triton; `mb.backends` says which."""
+    model = TinyMultiTask().cuda()
+    mb = MetaBalance(model.shared_parameters())
+    expected = next((name for name in ("cuda", "triton") if name in CUDA_BACKENDS), "torch")
+    assert mb.backends == {"cuda": expected}
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_thousand_cuda_steps_do_not_grow_device_memory(backend):

@@ -260,6 +260,7 @@ def test_two_launches_per_step(device, launches):
     assert launches == []
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.profiler kernel count needs CUDA")
 def test_two_kernels_in_profiler():
     sizes = [37] * 200 + [70_000]
