@@ -7,7 +7,8 @@ backend over the original-style loop and over the pure-torch reference; GB/s cou
 N·itemsize writes (over the CUDA-event time per call on CUDA, else the host median); ``% copy`` is that
 over the copy bandwidth measured right after the same row (else the run's copy yardstick). End to end:
 ``fused / vanilla`` is MetaBalance(fused=None)'s step time over Vanilla-Multi's, ``orig / fused`` the
-original-style step time over MetaBalance(fused=None)'s. The project's kernel and end-to-end targets (bench/RESULTS.md) are checked last.
+original-style step time over MetaBalance(fused=None)'s. The targets
+(bench/RESULTS.md) are checked last.
 """
 
 from __future__ import annotations

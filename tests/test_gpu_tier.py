@@ -3,12 +3,9 @@ this suite's conftest hook, and the marker must land on exactly the CUDA cases."
 
 from __future__ import annotations
 
-import pytest
-
 pytest_plugins = ["pytester"]
 
 _SAMPLE = """
-import pytest
 import torch
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", pytest.param("cuda", id="cuda-param")])
