@@ -15,7 +15,7 @@ import torch
 from experiments.recsys import data as D
 from experiments.recsys.metrics import rank_metrics
 from experiments.recsys.model import MultiTaskNCF
-from experiments.recsys.train import TrainConfig, evaluate, evaluate_test, fixed_users, summarize, train
+from experiments.recsys.train import METHODS, TrainConfig, evaluate, evaluate_test, fixed_users, summarize, train
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao"
 
@@ -262,7 +262,7 @@ def test_metrics_speed_at_taobao_scale():
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["single", "vanilla", "mb", "mostpop"])
+@pytest.mark.parametrize("method", METHODS)
 def test_tiny_end_to_end(method):
     torch.set_num_threads(1)
     d = D.synthetic(num_users=120, num_items=90, views_per_user=12, carts_per_user=4, seed=1)
@@ -270,8 +270,9 @@ def test_tiny_end_to_end(method):
     lines = []
     result = train(d, cfg, progress=lines.append)
     metrics = evaluate_test(result, d)
-    assert set(metrics) == {f"{m}@{k}" for m in ("ndcg", "recall", "precision") for k in (10, 20)}
+    assert set(metrics) == {f"{m}@{k}" for m in ("ndcg", "recall", "precision") for k in (10, 20)} | {"ndcg@10_se"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert 0.0 < metrics["ndcg@10_se"] < 0.1
     if method == "mostpop":
         return
     assert len(result.history) == 2 and 1 <= result.best_epoch <= 2

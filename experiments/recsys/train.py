@@ -1,11 +1,12 @@
-"""Training and evaluation of the multi-task recommender with Single-Loss, Vanilla-Multi or MetaBalance.
+"""Training and evaluation of the multi-task recommender: MetaBalance, its paper's baselines, and floors.
 
-Methods (MetaBalance §5.1):
+Methods (MetaBalance §5.1; ``methods.METHODS`` has the one-line list):
     single   the target loss only (auxiliary towers unused)
     vanilla  the sum of all task losses, one backward
     mb       MetaBalance: one backward per task, auxiliary gradients on the shared bottom rescaled toward the
              target's magnitude (strategy A/B/C, relax factor r, moving-average beta)
     mostpop  no training: items ranked by their number of target training purchases (a sanity floor)
+    weights, uncertainty, gradnorm, dwa, mgda, pcgrad, gradsim, mtadam: the paper's baselines (``baselines``)
 
 Every task has a binary cross-entropy loss on its own positives and sampled negatives (``data.TrainSampler``);
 the shared bottom runs once on all tasks' rows, each tower on its task's rows. Model selection: early stopping
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,11 +29,14 @@ import torch.nn.functional as F
 
 from mb_kernels import MetaBalance
 
+from . import baselines as B
 from .data import MultiBehaviorData, TrainSampler
+from .methods import BASELINES
+from .methods import METHODS as METHOD_INFO
 from .metrics import rank_metrics
 from .model import MultiTaskNCF
 
-METHODS = ("single", "vanilla", "mb", "mostpop")
+METHODS = ("single", "vanilla", "mb", "mostpop", *BASELINES)
 
 
 @dataclass
@@ -55,6 +60,15 @@ class TrainConfig:
     trace_every: int = 0
     """Record MetaBalance diagnostics every this many steps (0: off). Vanilla-Multi then runs through
     MetaBalance with r = 0 — the same update, one backward per task — so its per-task norms can be traced."""
+    aux_weight: float = 0.3
+    """Weights-Tuning: every auxiliary loss's weight (the target's is 1)."""
+    gradnorm_alpha: float = 1.5
+    """GradNorm's asymmetry alpha."""
+    dwa_temperature: float = 2.0
+    """DWA's temperature T."""
+    device: str = "cpu"
+    eval_workers: int | None = None
+    """CPU threads scoring user blocks in evaluation (None: every core this process may use)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,14 +77,21 @@ class TrainConfig:
             raise ValueError("batch_size must be positive, epochs and neg_ratio non-negative")
 
     @property
+    def name(self) -> str:
+        """The ``--methods`` name (``mb-C`` etc.)."""
+        return f"mb-{self.strategy}" if self.method == "mb" else self.method
+
+    @property
     def label(self) -> str:
-        return method_label(self.method, self.strategy, self.relax_factor)
+        info = METHOD_INFO[self.name]
+        if info.hyper is None:
+            return info.label
+        return f"{info.label} ({info.symbol}={getattr(self, info.hyper):g})"
 
 
 def method_label(method: str, strategy: str = "C", relax_factor: float = 0.7) -> str:
-    if method == "mb":
-        return f"MetaBalance-{strategy} (r={relax_factor:g})"
-    return {"single": "Single-Loss", "vanilla": "Vanilla-Multi", "mostpop": "MostPop"}[method]
+    """The label of a configuration (kept for callers of the old signature)."""
+    return TrainConfig(method=method, strategy=strategy, relax_factor=relax_factor).label
 
 
 @dataclass
@@ -106,8 +127,14 @@ def evaluate(
     users: np.ndarray | None = None,
     popularity: torch.Tensor | None = None,
     mask: str = "all",
+    workers: int | None = None,
 ) -> dict[str, float]:
     """Full-ranking metrics of the target task on ``split`` ("valid" or "test").
+
+    Also returns ``ndcg@10_se``, the standard error of the NDCG@10 mean over the evaluated users.
+    ``workers``: CPU threads scoring user blocks concurrently (default: every core this process may use; 1 for
+    a model on a GPU). Torch's own intra-op threads are set to 1 meanwhile (restored after): on a shared
+    machine, fine-grained parallel regions stall at every barrier while a coarse block per thread keeps going.
 
     Masked: the training positives — of the target only (``mask="target"``) or of every task (``mask="all"``,
     the default) — and, for "test", the validation pair (a known purchase). ``model=None`` ranks by
@@ -125,18 +152,40 @@ def evaluate(
         relevant, exclude = data.valid, np.concatenate(seen)
     else:
         relevant, exclude = data.test, np.concatenate([*seen, data.valid])
+    on_gpu = model is not None and next(model.parameters()).device.type != "cpu"
+    if workers is None:
+        workers = 1 if on_gpu else min(8, len(os.sched_getaffinity(0)))
     if model is not None:
         model.eval()
 
         def scorer(ub: torch.Tensor) -> torch.Tensor:
-            return model.score_all_items(ub, task=0, item_chunk=1024)
+            return model.score_all_items(ub, task=0).cpu()
 
     else:
 
         def scorer(ub: torch.Tensor) -> torch.Tensor:
             return popularity.expand(len(ub), -1).clone()
 
-    return rank_metrics(scorer, relevant, exclude, data.num_users, data.num_items, users=users, block=32)
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        means, per_user = rank_metrics(
+            scorer,
+            relevant,
+            exclude,
+            data.num_users,
+            data.num_items,
+            users=users,
+            block=256,
+            workers=workers,
+            per_user=True,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    n = len(per_user["ndcg@10"])
+    means["ndcg@10_se"] = float(per_user["ndcg@10"].std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return means
 
 
 def fixed_users(data: MultiBehaviorData, split: str, count: int | None, seed: int = 12345) -> np.ndarray | None:
@@ -157,20 +206,30 @@ def train(
     """Train one configuration with early stopping on validation NDCG@10; the best weights are kept."""
     if cfg.method == "mostpop":
         pop = torch.as_tensor(np.bincount(data.train[data.target][:, 1], minlength=data.num_items), dtype=torch.float32)
-        valid = evaluate(None, data, "valid", val_users, popularity=pop, mask=cfg.mask)
+        valid = evaluate(None, data, "valid", val_users, popularity=pop, mask=cfg.mask, workers=cfg.eval_workers)
         result = RunResult(cfg, valid, 0, [], 0.0)
         result.model = pop
         return result
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
     model = MultiTaskNCF(data.num_users, data.num_items, len(data.tasks), cfg.embed_dim, dropout=cfg.dropout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.to(device)
     tracing = cfg.trace_every > 0 and cfg.method in ("mb", "vanilla")
     balancer = None
     if cfg.method == "mb" or (tracing and cfg.method == "vanilla"):
         r = cfg.relax_factor if cfg.method == "mb" else 0.0
         balancer = MetaBalance(model.shared_parameters(), relax_factor=r, beta=cfg.beta, strategy=cfg.strategy)
+    combiner = make_combiner(cfg, model)
+    extra = combiner.parameters() if combiner is not None else []
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(model.parameters()), "weight_decay": cfg.weight_decay},
+            *([{"params": extra, "weight_decay": 0.0}] if extra else []),
+        ],
+        lr=cfg.lr,
+    )
     sampler = TrainSampler(data, cfg.neg_ratio, tasks=1 if cfg.method == "single" else None)
     steps = sampler.steps_per_epoch(cfg.batch_size)
     trace = _new_trace(model, data) if tracing else None
@@ -180,10 +239,10 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sums = np.zeros(len(data.tasks))
+        loss_sums = torch.zeros(len(data.tasks), dtype=torch.float64, device=device)
         for b, (users, items, labels, segments) in enumerate(sampler.epoch(rng, cfg.batch_size), 1):
-            h = model.shared(torch.from_numpy(users), torch.from_numpy(items))
-            y = torch.from_numpy(labels)
+            h = model.shared(torch.from_numpy(users).to(device), torch.from_numpy(items).to(device))
+            y = torch.from_numpy(labels).to(device)
             losses = [
                 F.binary_cross_entropy_with_logits(model.towers[t](h[sl]).squeeze(-1), y[sl])
                 for t, sl in enumerate(segments)
@@ -193,18 +252,26 @@ def train(
                 losses[0].backward()
             elif balancer is not None:
                 balancer.step(losses)
+            elif combiner is not None:
+                combiner.backward(losses)
             else:
                 torch.stack(losses).sum().backward()
-            optimizer.step()
+            if combiner is None or not combiner.owns_step:
+                optimizer.step()
             step += 1
-            loss_sums[: len(losses)] += [float(loss.detach()) for loss in losses]
+            loss_sums[: len(losses)] += torch.stack([loss.detach() for loss in losses]).double()
             if trace is not None and step % cfg.trace_every == 0:
                 _record(trace, balancer, step)
             if progress is not None and (b % max(1, steps // 10) == 0 or b == steps):
                 _log(progress, f"  {cfg.label} seed {cfg.seed} epoch {epoch}: {_bar(b, steps)}\r")
+        loss_sums = loss_sums.cpu().numpy()
+        # Per-task weights: DWA's used this epoch, the learned ones at its end, GradSim's fraction of steps used.
+        weights_used = combiner.weights() if combiner is not None else None
+        if combiner is not None:
+            combiner.end_epoch(loss_sums[: len(losses)] / max(b, 1))
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        valid = evaluate(model, data, "valid", val_users, mask=cfg.mask)
+        valid = evaluate(model, data, "valid", val_users, mask=cfg.mask, workers=cfg.eval_workers)
         eval_s = time.perf_counter() - t1
         score = valid["ndcg@10"]
         improved = score > best
@@ -221,6 +288,7 @@ def train(
                 "valid": valid,
                 "train_s": train_s,
                 "eval_s": eval_s,
+                **({"task_weights": weights_used} if weights_used is not None else {}),
             }
         )
         _log(
@@ -246,12 +314,47 @@ def train(
     return result
 
 
+def make_combiner(cfg: TrainConfig, model: MultiTaskNCF) -> B.Combiner | None:
+    """The baseline's combiner for ``cfg.method`` (None for single / vanilla / mb / mostpop)."""
+    shared = model.shared_parameters()
+    towers = [list(t.parameters()) for t in model.towers]
+    m = cfg.method
+    if m == "weights":
+        return B.FixedWeights(shared, towers, cfg.aux_weight)
+    if m == "uncertainty":
+        return B.Uncertainty(shared, towers)
+    if m == "gradnorm":
+        last = [p for layer in model.mlp if isinstance(layer, torch.nn.Linear) for p in layer.parameters()][-2:]
+        return B.GradNorm(shared, towers, last, alpha=cfg.gradnorm_alpha)
+    if m == "dwa":
+        return B.DWA(shared, towers, cfg.dwa_temperature)
+    if m == "mgda":
+        return B.MGDA(shared, towers)
+    if m == "pcgrad":
+        return B.PCGrad(shared, towers, seed=cfg.seed)
+    if m == "gradsim":
+        return B.GradSim(shared, towers)
+    if m == "mtadam":
+        return B.MTAdam(shared, towers, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return None
+
+
 def evaluate_test(result: RunResult, data: MultiBehaviorData, users: np.ndarray | None = None) -> dict[str, float]:
     """Test metrics of a trained run (its best-validation weights); stored on the result."""
     if result.config.method == "mostpop":
-        result.test = evaluate(None, data, "test", users, popularity=result.model, mask=result.config.mask)
+        result.test = evaluate(
+            None,
+            data,
+            "test",
+            users,
+            popularity=result.model,
+            mask=result.config.mask,
+            workers=result.config.eval_workers,
+        )
     else:
-        result.test = evaluate(result.model, data, "test", users, mask=result.config.mask)
+        result.test = evaluate(
+            result.model, data, "test", users, mask=result.config.mask, workers=result.config.eval_workers
+        )
     return result.test
 
 
