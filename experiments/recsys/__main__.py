@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: embedded synthetic data)",
     )
     p.add_argument(
+        "--max-users",
+        type=_int_at_least(2),
+        help="restrict the data to this many random users (all their interactions; every item stays a candidate) "
+        "for CPU budgets (default: all users)",
+    )
+    p.add_argument(
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = _progress(args.quiet)
     t_start = time.perf_counter()
     data = data_mod.load(args.data) if args.data else data_mod.synthetic()
+    if args.max_users:
+        data = data_mod.subsample_users(data, args.max_users)
     print(data.summary(), flush=True)
     for note in data.notes:
         print(f"  {note}", flush=True)
@@ -380,6 +388,36 @@ def main(argv: list[str] | None = None) -> int:
     grid: dict[str, dict[str, float]] = {}
     traces = {}
     chosen: dict[str, float | None] = {}
+
+    def payload(rows: list[dict] | None = None) -> dict:
+        return {
+            "data": data.summary(),
+            "notes": data.notes,
+            "args": vars(args),
+            "command": " ".join(sys.argv),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpus": len(os.sched_getaffinity(0)),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            },
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "elapsed_s": time.perf_counter() - t_start,
+            "chosen": chosen,
+            "grid": grid,
+            "table": rows,
+            "runs": {m: [r.to_json() for r in rs if r.test is not None] for m, rs in runs.items()},
+        }
+
+    def checkpoint() -> None:
+        """Partial results after every tested run, so an interrupted job still leaves what it finished."""
+        if args.out:
+            Path(args.out).write_text(json.dumps(payload(), indent=1, default=float))
+        if args.trace and traces:
+            Path(args.trace).write_text(json.dumps(traces))
+
     # Phase 1: each hyperparameter grid on validation with the selection seed.
     for method in args.methods:
         values = _grid(args, method)
@@ -403,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         if method == "mostpop":
             runs[method] = [run(method, 0, None)]
             evaluate_test(runs[method][0], data, test_users)
+            checkpoint()
             continue
         done = runs.setdefault(method, [])
         for k, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
@@ -413,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = run(method, seed, chosen.get(method), trace)
                 done.append(result)
             evaluate_test(result, data, test_users)
+            if result.trace is not None:
+                traces[result.config.label] = result.trace
+            checkpoint()
             print(
                 f"done {result.config.label} seed {seed}: best epoch {result.best_epoch}, val NDCG@10 "
                 f"{result.valid['ndcg@10']:.4f} (se {result.valid.get('ndcg@10_se', 0):.4f}), test NDCG@10 "
@@ -448,27 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_table(rows), flush=True)
     if args.out:
-        payload = {
-            "data": data.summary(),
-            "notes": data.notes,
-            "args": vars(args),
-            "command": " ".join(sys.argv),
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor(),
-                "cpus": len(os.sched_getaffinity(0)),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            },
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "elapsed_s": elapsed,
-            "chosen": chosen,
-            "grid": grid,
-            "table": rows,
-            "runs": {m: [r.to_json() for r in rs] for m, rs in runs.items()},
-        }
-        Path(args.out).write_text(json.dumps(payload, indent=1, default=float))
+        Path(args.out).write_text(json.dumps(payload(rows), indent=1, default=float))
         print(f"wrote {args.out}")
     if args.trace:
         Path(args.trace).write_text(json.dumps(traces))

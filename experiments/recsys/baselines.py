@@ -213,7 +213,7 @@ class Uncertainty(Combiner):
 
     def __init__(self, shared, towers) -> None:
         super().__init__(shared, towers)
-        self.log_var = torch.zeros(len(self.towers), requires_grad=True)
+        self.log_var = torch.zeros(len(self.towers), device=self.shared[0].device, requires_grad=True)
 
     def parameters(self):
         return [self.log_var]
@@ -232,14 +232,16 @@ class DWA(Combiner):
     def __init__(self, shared, towers, temperature: float = 2.0) -> None:
         super().__init__(shared, towers)
         self.temperature = float(temperature)
-        self._w = torch.ones(len(self.towers))
+        self._w = torch.ones(len(self.towers), device=self.shared[0].device)
 
     def backward(self, losses):
         (self._w * torch.stack(list(losses))).sum().backward()
 
     def end_epoch(self, mean_losses):
         super().end_epoch(mean_losses)
-        self._w = torch.as_tensor(dwa_weights(self.loss_history, self.temperature), dtype=torch.float32)
+        self._w = torch.as_tensor(
+            dwa_weights(self.loss_history, self.temperature), dtype=torch.float32, device=self.shared[0].device
+        )
 
     def weights(self):
         return self._w.tolist()
@@ -261,7 +263,7 @@ class GradNorm(Combiner):
         self.last_shared = list(last_shared)
         self.alpha = float(alpha)
         num = len(self.towers)
-        self.w = torch.ones(num, requires_grad=True)
+        self.w = torch.ones(num, device=self.shared[0].device, requires_grad=True)
         self.w_optimizer = torch.optim.Adam([self.w], lr=lr)
         self.initial: torch.Tensor | None = None
 
@@ -271,7 +273,7 @@ class GradNorm(Combiner):
         for loss in losses:  # |grad_W L_t| on the last shared layer only: cheap partial backward passes
             grads = torch.autograd.grad(loss, self.last_shared, retain_graph=True, allow_unused=True)
             norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None)))
-        norms_t = torch.tensor(norms)
+        norms_t = torch.tensor(norms, device=self.w.device)
         loss_now = stacked.detach()
         if self.initial is None:
             self.initial = loss_now.clamp_min(1e-12)

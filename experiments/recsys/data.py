@@ -321,6 +321,34 @@ def remove_leakage(train: dict[str, np.ndarray], held_out: np.ndarray, num_items
     return removed
 
 
+def subsample_users(data: MultiBehaviorData, count: int, seed: int = 0) -> MultiBehaviorData:
+    """The same data restricted to ``count`` random users (every interaction of theirs), user ids renumbered.
+
+    Items keep their ids and all stay candidates in the ranking, so the ranking task is as hard per user; what
+    shrinks is the training set and the number of users to score (for budgets where all users do not fit).
+    """
+    if count >= data.num_users:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(data.num_users, size=count, replace=False))
+    new_id = np.full(data.num_users, -1, np.int64)
+    new_id[keep] = np.arange(count)
+
+    def sub(pairs: np.ndarray) -> np.ndarray:
+        mapped = new_id[pairs[:, 0]]
+        sel = mapped >= 0
+        return np.stack([mapped[sel], pairs[sel, 1]], 1)
+
+    return MultiBehaviorData(
+        count,
+        data.num_items,
+        {t: sub(p) for t, p in data.train.items()},
+        sub(data.valid),
+        sub(data.test),
+        name=f"{data.name} ({count:,} random users, seed {seed})",
+        notes=[*data.notes, f"restricted to {count:,} of {data.num_users:,} users (seed {seed}); all items kept"],
+    )
+
+
 def _finish(train, valid, test, num_users, num_items, name) -> MultiBehaviorData:
     target_keys = np.isin(pair_keys(test, num_items), pair_keys(train[next(iter(train))], num_items))
     notes = []
