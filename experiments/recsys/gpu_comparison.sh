@@ -13,7 +13,7 @@ out="${2:?output folder}"
 limit="${3:-0}"
 py="${PYTHON:-python3}"
 epochs="${EPOCHS:-15}"
-mkdir -p "$out"
+mkdir -p "$out/runs" "$out/logs" "$out/traces"
 common=(--data "$data" --device cuda --seeds 5 --epochs "$epochs" --patience 5 --batch-size 256 --threads 1
   --eval-workers 1 --quiet)
 groups=(
@@ -27,7 +27,7 @@ for g in "${groups[@]}"; do
   name="${g// /_}"
   extra=()
   case "$g" in
-    *vanilla*|mb-C) extra=(--trace "$out/trace_$name.json") ;;
+    *vanilla*|mb-C) extra=(--trace "$out/traces/$name.json") ;;
   esac
   case "$g" in
     mb-*) extra+=(--relax-grid 0.5 0.9) ;;
@@ -35,13 +35,15 @@ for g in "${groups[@]}"; do
     gradnorm*) extra+=(--grid gradnorm=1.5) ;;
   esac
   if [ "$limit" -gt 0 ]; then
-    timeout "$limit" "$py" -m experiments.recsys "${common[@]}" --methods $g "${extra[@]}" --out "$out/$name.json" \
-      >"$out/$name.log" 2>&1 &
+    timeout "$limit" "$py" -m experiments.recsys "${common[@]}" --methods $g "${extra[@]}" --out "$out/runs/$name.json" \
+      >"$out/logs/$name.log" 2>&1 &
   else
-    "$py" -m experiments.recsys "${common[@]}" --methods $g "${extra[@]}" --out "$out/$name.json" \
-      >"$out/$name.log" 2>&1 &
+    "$py" -m experiments.recsys "${common[@]}" --methods $g "${extra[@]}" --out "$out/runs/$name.json" \
+      >"$out/logs/$name.log" 2>&1 &
   fi
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done
-"$py" -m experiments.recsys.report "$out"/*.json --json "$out/table.json" | tee "$out/table.md"
+"$py" -m experiments.recsys.report "$out"/runs/*.json --json "$out/table.json" --scipy-check | tee "$out/table.md"
+# One trace file (Vanilla-Multi and MetaBalance-C) for scripts/plot_gradients.py.
+"$py" -c "import glob, json, sys; t = {}; [t.update(json.load(open(f))) for f in sorted(glob.glob(sys.argv[1] + '/traces/*.json'))]; json.dump(t, open(sys.argv[1] + '/trace.json', 'w'))" "$out"
