@@ -13,8 +13,9 @@ The library (``mb_kernels``) stays MetaBalance-only.
     dwa          Liu, Johns & Davison (CVPR 2019), Dynamic Weight Average: w_t = T exp(r_t / tau) / sum exp(r / tau),
                  r_t = L_t(epoch - 1) / L_t(epoch - 2)
     mgda         Sener & Koltun (NeurIPS 2018): the min-norm point of the convex hull of the task gradients —
-                 exact MGDA on the shared parameters (not the MGDA-UB bound on the representation: here every
-                 task's loss is on its own rows, so gradients w.r.t. the representation are trivially orthogonal)
+                 exact MGDA on the shared parameters, the min-norm point solved exactly (not the MGDA-UB bound on
+                 the representation: here every task's loss is on its own rows, so gradients w.r.t. the
+                 representation are trivially orthogonal)
     pcgrad       Yu et al. (NeurIPS 2020), "gradient surgery": each task gradient loses its component along any
                  other task's gradient it conflicts with (negative dot product), in random order, then summed
     gradsim      Du et al. (2018), "Adapting auxiliary losses using gradient similarity": an auxiliary gradient
@@ -29,6 +30,7 @@ gradient, as in those papers (task-specific parameters are not shared, nothing c
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -105,23 +107,38 @@ def gradsim_mask(grads: Sequence[Tensors]) -> list[bool]:
     return keep
 
 
-def min_norm_weights(gram: np.ndarray, iterations: int = 500, tol: float = 1e-12) -> np.ndarray:
+def min_norm_weights(gram: np.ndarray, iterations: int = 1000) -> np.ndarray:
     """The convex weights ``alpha`` (sum 1, >= 0) minimising ``|sum_t alpha_t g_t|^2`` given the Gram matrix.
 
-    Sener & Koltun (2018), Alg. 2: Frank-Wolfe on the simplex, each step moving toward the vertex (task) whose
-    gradient has the smallest inner product with the current point, with the exact line search of the
-    two-point min-norm problem. Two tasks: the closed form.
+    The min-norm point of the convex hull of the task gradients, MGDA's common descent direction (Sener &
+    Koltun 2018, Thm. 1 / Alg. 2). Up to 10 tasks it is solved exactly: on each candidate support S the
+    equality-constrained problem is a linear (KKT) system; the best feasible solution over all supports is the
+    optimum. More tasks: the paper's Frank-Wolfe iteration with exact line search.
     """
     gram = np.asarray(gram, dtype=np.float64)
     num = len(gram)
     if num == 1:
         return np.ones(1)
-    if num == 2:
-        a, b, c = gram[0, 0], gram[0, 1], gram[1, 1]
-        denom = a - 2 * b + c
-        # alpha * g0 + (1 - alpha) * g1, minimised over alpha in [0, 1].
-        alpha = 0.5 if denom <= 0 else float(np.clip((c - b) / denom, 0.0, 1.0))
-        return np.array([alpha, 1.0 - alpha])
+    if num <= 10:
+        best, best_value = None, math.inf
+        for size in range(1, num + 1):
+            for support in itertools.combinations(range(num), size):
+                idx = list(support)
+                kkt = np.zeros((size + 1, size + 1))
+                kkt[:size, :size] = gram[np.ix_(idx, idx)]
+                kkt[:size, size] = kkt[size, :size] = 1.0
+                rhs = np.zeros(size + 1)
+                rhs[size] = 1.0
+                sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:size]
+                if sol.min() < -1e-12 or not np.isfinite(sol).all():
+                    continue
+                alpha = np.zeros(num)
+                alpha[idx] = np.clip(sol, 0.0, None)
+                alpha /= alpha.sum()
+                value = float(alpha @ gram @ alpha)
+                if value < best_value - 1e-15:
+                    best, best_value = alpha, value
+        return best
     alpha = np.full(num, 1.0 / num)
     for _ in range(iterations):
         grad = gram @ alpha  # <g_t, d> for the current point d = sum alpha g
@@ -130,12 +147,10 @@ def min_norm_weights(gram: np.ndarray, iterations: int = 500, tol: float = 1e-12
         dd, dt, tt = alpha @ gram @ alpha, grad[t], gram[t, t]
         denom = dd - 2 * dt + tt
         gamma = 1.0 if denom <= 0 else float(np.clip((dd - dt) / denom, 0.0, 1.0))
-        new = (1 - gamma) * alpha
-        new[t] += gamma
-        if np.abs(new - alpha).sum() < tol:
-            alpha = new
+        if gamma == 0.0:
             break
-        alpha = new
+        alpha = (1 - gamma) * alpha
+        alpha[t] += gamma
     return alpha
 
 
