@@ -127,7 +127,7 @@ grep -E "^(cpu|cuda) backends:" "$results/build.log" 2>/dev/null | tee -a "$stat
 
 # ---- 2. the GPU test tier ---------------------------------------------------------------------------
 # shellcheck disable=SC2086 # test_args is a list of pytest arguments
-stage tests 180 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
+stage tests 150 "$results/tests.log" "$py" -m pytest $test_args -p no:cacheprovider
 grep -E "(passed|failed|error)" "$results/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/tests: /' | tee -a "$status"
 
 # ---- 3. launches per step ----------------------------------------------------------------------------

@@ -18,6 +18,12 @@ except ImportError:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist every worker would otherwise run torch with all cores (16 workers x 16 threads on a GPU
+# machine): give each its share.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _workers > 1 and "torch" in globals():
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def _uses_cuda(item) -> bool:
     """Whether a collected test runs on CUDA tensors: a "cuda" device among its parameters (alone or in a

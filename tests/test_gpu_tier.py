@@ -6,6 +6,7 @@ from __future__ import annotations
 pytest_plugins = ["pytester"]
 
 _SAMPLE = """
+import pytest
 import torch
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", pytest.param("cuda", id="cuda-param")])

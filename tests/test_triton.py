@@ -60,7 +60,9 @@ def _case_id(case):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records every launch of the two kernels as (kernel name, grid, constexpr kwargs)."""
+    """Records every launch of the two kernels as (kernel name, grid, constexpr kwargs); the launch fast path is
+    off, so that every launch goes through Triton's JIT."""
+    monkeypatch.setattr(triton_backend, "FAST_LAUNCH", False)
     calls = []
     for kernel in (triton_kernels.metabalance_norms_kernel, triton_kernels.metabalance_combine_kernel):
         original = kernel.run
@@ -246,6 +248,31 @@ def test_launch_plan_is_built_once_per_layout(device, launches):
     ema4 = torch.zeros(len(sizes), 4, device=device)
     balance_triton(four, ema4, torch.empty(four.shape[1], device=device), layout, Hyperparameters(0.7, 0.9, "C"))
     assert triton_backend.plan_builds == builds + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch fast path runs compiled kernels (CUDA)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_fast_launch_matches_triton_launch_bitwise(dtype, monkeypatch):
+    """Calls after the first hand the arguments straight to the compiled kernels: several steps give bitwise the
+    results of Triton's own launch path, for aligned and unaligned data and every strategy."""
+    sizes = [8, 4096, 0, 24, 1032, 3]
+    for strategy in "ABC":
+        grads = [random_task_grads(80 + step, sizes, 3, dtype, "cuda") for step in range(4)]
+        grads += [_misaligned_like(g) for g in grads[:2]]
+        fast = run_steps(balance_triton, grads, sizes, 0.7, 0.9, strategy)
+        monkeypatch.setattr(triton_backend, "FAST_LAUNCH", False)
+        slow = run_steps(balance_triton, grads, sizes, 0.7, 0.9, strategy)
+        monkeypatch.setattr(triton_backend, "FAST_LAUNCH", True)
+        for a, b in zip(fast[0], slow[0]):
+            assert torch.equal(a, b)
+        assert torch.equal(fast[1], slow[1])
+    layout = FlatLayout.from_sizes(sizes, "cuda")
+    g = grads[0]
+    ema = torch.zeros(len(sizes), 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device="cuda")
+    balance_triton(g, ema, torch.empty_like(g[0]), layout, Hyperparameters(0.7, 0.9, "C"))
+    plans = [value for key, value in layout.cache.items() if key[0] == "triton_plan"]
+    assert len(plans) == 1 and len(plans[0].compiled) == 2, "the fast path kept no compiled kernel"
 
 
 @pytest.mark.parametrize("device", DEVICES)
