@@ -83,16 +83,62 @@ def plot(trace: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def plot_runs(paths: list[str], out: Path, seed: int = 0) -> None:
+    """Per method (seed ``seed``): validation NDCG@10 per epoch, and the per-task weights the method used per epoch
+    (Weights-Tuning, Uncertainty, GradNorm, DWA, MGDA; GradSim: the fraction of steps each task was used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for path in paths:
+        for method, items in json.loads(Path(path).read_text())["runs"].items():
+            for item in items:
+                if item["config"]["seed"] == seed and item["history"]:
+                    runs[method] = item
+    weighted = [m for m, r in runs.items() if "task_weights" in r["history"][0]]
+    fig, axes = plt.subplots(1, 1 + len(weighted), figsize=(4.2 * (1 + len(weighted)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for method, run in runs.items():
+        ax.plot([h["epoch"] for h in run["history"]], [h["valid"]["ndcg@10"] for h in run["history"]], label=method)
+    ax.set_title(f"validation NDCG@10 (seed {seed})")
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=7)
+    for ax, method in zip(axes[0][1:], weighted):
+        run = runs[method]
+        epochs = [h["epoch"] for h in run["history"]]
+        weights = [h["task_weights"] for h in run["history"]]
+        for t, task in enumerate(run.get("tasks") or ["target", "aux 1", "aux 2"][: len(weights[0])]):
+            ax.plot(epochs, [w[t] for w in weights], "-" if t == 0 else "--", label=task)
+        ax.set_title(f"{run['label']}: task weights")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trace", help="JSON trace written by `python -m experiments.recsys --trace FILE`")
+    parser.add_argument(
+        "trace", nargs="+", help="JSON trace(s) written by `python -m experiments.recsys --trace FILE` (merged)"
+    )
     parser.add_argument("--out", default="gradients.png", help="PNG to write (default gradients.png)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        help="also plot, from these --out JSON files, validation curves and per-task weights per epoch",
+    )
+    parser.add_argument("--runs-out", default="runs.png", help="PNG for --runs (default runs.png)")
     args = parser.parse_args(argv)
-    try:
-        trace = json.loads(Path(args.trace).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"cannot read trace {args.trace}: {err}", file=sys.stderr)
-        return 2
+    trace = {}
+    for path in args.trace:
+        try:
+            trace.update(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"cannot read trace {path}: {err}", file=sys.stderr)
+            return 2
     if not trace:
         print(f"{args.trace} holds no traced run; run the experiment with vanilla or mb-C and --trace", file=sys.stderr)
         return 2
@@ -107,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     plot(trace, Path(args.out))
+    if args.runs:
+        plot_runs(args.runs, Path(args.runs_out))
     return 0
 
 
