@@ -460,15 +460,15 @@ void metabalance_cpu_typed(
 // Host-side validation of the boundaries (cheap: P + 1 reads), so that a bad layout raises instead of reading
 // out of bounds.
 void check_offsets_values(const int64_t* offsets, int64_t num_tensors, int64_t numel) {
-  TORCH_CHECK(offsets[0] == 0, "mb_kernels::metabalance_: offsets[0] must be 0, got ", offsets[0]);
+  TORCH_CHECK(offsets[0] == 0, "mb_kernels::metabalance_: offsets[0] must be 0, got ", num(offsets[0]));
   for (int64_t p = 0; p < num_tensors; ++p) {
     TORCH_CHECK(
-        offsets[p + 1] >= offsets[p], "mb_kernels::metabalance_: offsets must be non-decreasing; offsets[", p + 1,
-        "] = ", offsets[p + 1], " < offsets[", p, "] = ", offsets[p]);
+        offsets[p + 1] >= offsets[p], "mb_kernels::metabalance_: offsets must be non-decreasing; offsets[",
+        num(p + 1), "] = ", num(offsets[p + 1]), " < offsets[", num(p), "] = ", num(offsets[p]));
   }
   TORCH_CHECK(
-      offsets[num_tensors] == numel, "mb_kernels::metabalance_: offsets[-1] = ", offsets[num_tensors],
-      " must equal task_grads.size(1) = ", numel);
+      offsets[num_tensors] == numel, "mb_kernels::metabalance_: offsets[-1] = ", num(offsets[num_tensors]),
+      " must equal task_grads.size(1) = ", num(numel));
 }
 
 void metabalance_cpu(

@@ -136,7 +136,9 @@ def _misaligned_like(tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 def test_aligned_and_unaligned_paths_agree(device, launches):
     """Sizes that are multiples of 8 take the hinted 16-byte path; the same data one element off a 16-byte
-    boundary (or odd offsets) takes the plain path. Both must match the reference, and each other bitwise."""
+    boundary (or odd offsets) takes the plain path. Both must match the reference. Under the interpreter they also
+    agree bitwise; compiled, the two paths spread a block's elements differently over the threads, so the float32
+    sums may round differently (seen on an H100) and only the reference bound holds."""
     sizes = [8, 4096, 0, 24, 1032]
     grads = [random_task_grads(7 + step, sizes, 3, torch.float16, device) for step in range(STEPS)]
     expected = truth(grads, sizes, 0.7, 0.9, "C")
@@ -147,9 +149,10 @@ def test_aligned_and_unaligned_paths_agree(device, launches):
     assert {kw["ALIGNED"] for _, _, kw in launches} == {False}
     for result in (aligned, shifted):
         assert_matches_truth(*result, expected, 3, label="alignment")
-    for a, b in zip(aligned[0], shifted[0]):
-        assert torch.equal(a, b)
-    assert torch.equal(aligned[1], shifted[1])
+    if device == "cpu":
+        for a, b in zip(aligned[0], shifted[0]):
+            assert torch.equal(a, b)
+        assert torch.equal(aligned[1], shifted[1])
     # Odd tensor sizes make every later offset unaligned: the plain path, still exact.
     launches.clear()
     odd = [3, 8, 4097]

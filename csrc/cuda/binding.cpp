@@ -43,23 +43,24 @@ void metabalance_cuda(
   TORCH_CHECK(
       table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == cuda::kChunkColumns &&
           table.is_contiguous(),
-      "mb_kernels::metabalance_: chunks must be a contiguous int64 [num_chunks, ", int(cuda::kChunkColumns),
-      "] table, got ", table.scalar_type(), " of shape ", table.sizes());
+      "mb_kernels::metabalance_: chunks must be a contiguous int64 [num_chunks, ", num(cuda::kChunkColumns),
+      "] table, got ", table.scalar_type(), " of shape ", dims(table.sizes()));
   TORCH_CHECK(
-      table.device() == task_grads.device(), "mb_kernels::metabalance_: chunks must be on ", task_grads.device(),
-      ", got ", table.device());
+      table.device() == task_grads.device(), "mb_kernels::metabalance_: chunks must be on ",
+      task_grads.device().str(), ", got ", table.device().str());
   const int64_t num_tensors = offsets.size(0) - 1;
   const int64_t num_tasks = task_grads.size(0);
   const int64_t num_chunks = table.size(0);
   TORCH_CHECK(
       num_chunks >= num_tensors,
-      "mb_kernels::metabalance_: the chunk table has ", num_chunks, " rows for ", num_tensors,
+      "mb_kernels::metabalance_: the chunk table has ", num(num_chunks), " rows for ", num(num_tensors),
       " tensors (every tensor needs at least one); rebuild it for this layout");
   TORCH_CHECK(
-      num_chunks <= std::numeric_limits<int32_t>::max(), "mb_kernels::metabalance_: too many chunks: ", num_chunks);
+      num_chunks <= std::numeric_limits<int32_t>::max(), "mb_kernels::metabalance_: too many chunks: ",
+      num(num_chunks));
   TORCH_CHECK(
-      num_tasks <= cuda::kMaxTasks, "mb_kernels::metabalance_: at most ", cuda::kMaxTasks,
-      " tasks on CUDA, got ", num_tasks);
+      num_tasks <= cuda::kMaxTasks, "mb_kernels::metabalance_: at most ", num(cuda::kMaxTasks),
+      " tasks on CUDA, got ", num(num_tasks));
   if (num_tensors == 0) return;
 
   const c10::cuda::CUDAGuard guard(task_grads.device());
