@@ -1,12 +1,13 @@
 """Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype), and the whole
-``.grad`` lifecycle of the balanced parameters around it.
+``.grad`` lifecycle of every parameter the step touches.
 
-One backward pass per task. Before the passes every balanced parameter's ``.grad`` is set aside and
-set to None, so that autograd hands each pass's gradient over without an accumulate; after pass t the
-gradient is copied into row t of the workspace and ``.grad`` reset to None. Parameters that are not
-balanced (task towers) simply accumulate the plain sum over the passes, as ``sum(losses).backward()``
-would give them. After balancing, :meth:`Capture.commit` puts the set-aside gradients back and accumulates
-the balanced ones onto them; on any failure :meth:`Capture.abort` puts them back unchanged.
+One backward pass per task. Before the passes the ``.grad`` of every leaf the losses reach is set aside and set
+to None: for balanced parameters autograd then hands each pass's gradient over without an accumulate (after pass
+t it is copied into row t of the workspace and ``.grad`` reset to None); the other leaves (task towers) collect
+the plain sum over the passes, as ``sum(losses).backward()`` would give them. After balancing,
+:meth:`Capture.commit` accumulates both onto the set-aside gradients (in place, as autograd does; a fresh
+gradient gets the parameter's own strides, as autograd gives it); on any failure, :meth:`Capture.abort` puts
+every set-aside gradient back unchanged, so a caller who catches the error sees the ``.grad`` of before the step.
 
 Leak-free graph release: autograd frees a node's saved tensors only when a non-retaining pass executes
 it. Passes 0..T-2 retain the graph, so the last pass runs from *all* losses, with a zero gradient for
@@ -79,47 +80,96 @@ def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]
             bucket_reached[i] = bucket_reached[i] or hit[i]
 
 
-class Capture:
-    """The per-task gradients of one step, captured into the buckets' workspaces, and the balanced parameters'
-    ``.grad`` from before the step (set aside while the workspaces are in use)."""
+def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into (their AccumulateGrad
+    nodes), each once, found by walking the autograd graph (no tensor values read)."""
+    seen: set = set()
+    leaves: dict[int, torch.Tensor] = {}
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.setdefault(id(variable), variable)
+            continue
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return list(leaves.values())
 
-    def __init__(self, buckets: Sequence[Bucket]):
+
+def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the strides autograd gives a fresh gradient of ``p``: the parameter's own when it is dense
+    and non-overlapping (channels_last, transposed), else contiguous. Fused optimizers (Adam(fused=True)) pair
+    a parameter's and its gradient's memory element by element, so the layouts must agree."""
+    if grad.stride() == p.stride() or p.numel() <= 1:
+        return grad
+    fresh = torch.empty_like(p, memory_format=torch.preserve_format)
+    if fresh.stride() == grad.stride():
+        return grad
+    return fresh.copy_(grad)
+
+
+class Capture:
+    """The per-task gradients of one step, captured into the buckets' workspaces, and the ``.grad`` from before
+    the step of every leaf the losses reach (set aside while the passes run)."""
+
+    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor]):
         self.buckets = list(buckets)
         self.saved = [[p.grad for p in bucket.params] for bucket in self.buckets]
         # Per bucket, which params any task reached (the others keep their .grad untouched, None included).
         self.reached = [[False] * len(bucket.params) for bucket in self.buckets]
+        self.others = list(others)
+        self.others_saved = [p.grad for p in self.others]
 
     def abort(self) -> None:
-        """Put every balanced ``.grad`` back as it was before the step."""
+        """Put every ``.grad`` the step touched back as it was before the step."""
         for bucket, grads in zip(self.buckets, self.saved):
             for p, g in zip(bucket.params, grads):
                 p.grad = g
+        for p, g in zip(self.others, self.others_saved):
+            p.grad = g
 
     def commit(self, combined: Sequence[torch.Tensor]) -> None:
-        """Accumulate each bucket's balanced gradient (flat ``[N]``) onto the set-aside ``.grad``; a parameter no
-        task reached keeps its ``.grad`` (None stays None)."""
-        self.abort()
+        """Accumulate each bucket's balanced gradient (flat ``[N]``) and the towers' sums onto the set-aside
+        ``.grad``; a parameter no task reached keeps its ``.grad`` (None stays None)."""
         accumulate_into, accumulate_from = [], []
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         for bucket, out, prior, reached in zip(self.buckets, combined, self.saved, self.reached):
             for p, view, had, hit in zip(bucket.params, bucket.combined_views(out), prior, reached):
                 if not hit:
-                    continue
-                if had is None:
-                    p.grad = view
+                    p.grad = had
+                elif had is None:
+                    fresh.append((p, _autograd_layout(p, view)))
                 else:
                     accumulate_into.append(had)
                     accumulate_from.append(view)
+                    p.grad = had
+        for p, had in zip(self.others, self.others_saved):
+            new = p.grad
+            if had is not None:
+                if new is not None:
+                    accumulate_into.append(had)
+                    accumulate_from.append(new)
+                p.grad = had
         if accumulate_into:
             torch._foreach_add_(accumulate_into, accumulate_from)
+        for p, g in fresh:
+            p.grad = g
 
 
 def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> Capture:
     """Run one backward per task, filling every bucket's workspace (see the module docstring).
 
-    On return the balanced params' ``.grad`` are None until :meth:`Capture.commit` or :meth:`Capture.abort`; on
-    error every balanced ``.grad`` is restored before the exception propagates.
+    On return the balanced params' ``.grad`` are None and the towers' hold this step's sums, until
+    :meth:`Capture.commit` or :meth:`Capture.abort`; on error every ``.grad`` is restored before the exception
+    propagates.
     """
-    capture = Capture(buckets)
+    balanced = {id(p) for bucket in buckets for p in bucket.params}
+    capture = Capture(buckets, [leaf for leaf in reached_leaves(losses) if id(leaf) not in balanced])
+    for p in capture.others:
+        p.grad = None
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,6 +17,8 @@ from .dispatch import resolve_backends
 from .distributed import DistributedSync
 
 _STATE_KEY = "norm_ema"
+# Saved with each parameter's state, so that a state loaded into parameters in another order is detected.
+_SHAPE_KEY = "param_shape"
 
 
 class MetaBalance(torch.optim.Optimizer):
@@ -25,9 +30,14 @@ class MetaBalance(torch.optim.Optimizer):
     :mod:`mb_kernels.backends.reference` (``relax_factor`` r = 0 is plain summation, Vanilla-Multi; r = 1 gives
     every rescaled auxiliary the target's magnitude). Every backend is bitwise reproducible run to run.
 
+    Pass the *shared* parameters only (e.g. ``model.shared_parameters()``), not ``model.parameters()``: a task
+    tower the target never reaches has m_0 = 0, so its auxiliary gradients would be scaled by 1 - r (never trained
+    at r = 1). MetaBalance warns once when it sees that.
+
     Args:
-        params: the shared parameters to balance (tensors or param-group dicts). Parameters reached by the
-            losses but not listed (task towers) receive the plain sum of the task gradients.
+        params: the shared parameters to balance (tensors, ``(name, tensor)`` pairs or param-group dicts).
+            Parameters reached by the losses but not listed (task towers) receive the plain sum of the task
+            gradients.
         relax_factor: r in [0, 1]. The paper found 0.7 or 0.9 best.
         beta: moving-average factor in [0, 1); 0 uses the current norms (the paper's Algorithm 1).
         strategy: "A", "B" or "C".
@@ -84,9 +94,19 @@ class MetaBalance(torch.optim.Optimizer):
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         _check_hyperparameters(group)
-        for p in params:
+        named = bool(params) and all(isinstance(p, tuple) for p in params)
+        if named and not all(len(p) == 2 and isinstance(p[0], str) for p in params):
+            raise TypeError(
+                "MetaBalance params must be tensors or (name, tensor) pairs as model.named_parameters() yields; "
+                "pass model.shared_parameters() or [p for _, p in named_parameters]"
+            )
+        tensors = [p[1] for p in params] if named else params
+        for p in tensors:
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"MetaBalance params must be tensors, got {type(p).__name__}")
+                raise TypeError(
+                    f"MetaBalance params must be tensors, got {type(p).__name__}; pass the shared parameters, "
+                    "e.g. model.shared_parameters() or [p for name, p in model.named_parameters() if ...]"
+                )
             if not p.requires_grad:
                 raise ValueError(
                     f"MetaBalance: a parameter of shape {tuple(p.shape)} does not require grad; "
@@ -98,11 +118,39 @@ class MetaBalance(torch.optim.Optimizer):
                 raise ValueError("MetaBalance: sparse parameters are not supported")
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"MetaBalance: parameter dtype {p.dtype} is not one of {SUPPORTED_DTYPES}")
-        new_types = {p.device.type for p in params} - set(self._backends)
+        new_types = {p.device.type for p in tensors} - set(self._backends)
         self._backends.update(resolve_backends(new_types, self._fused, self._backend_request))
-        group["params"] = params
+        group["params"] = params  # torch.optim.Optimizer turns (name, tensor) pairs into params + param_names
         super().add_param_group(group)
         self._buckets = None
+
+    # ---- copies (copy.deepcopy, pickle, torch.save) -----------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        if self._ddp is not None:
+            raise TypeError(
+                "MetaBalance: a balancer attached to DDP (ddp_module=) holds the process group and cannot be "
+                "copied or pickled; save mb.state_dict() and load it into a MetaBalance built on the other side"
+            )
+        state = super().__getstate__()
+        state["_mb_options"] = {
+            "fused": self._fused,
+            "backend": self._backend_request,
+            "skip_nonfinite_steps": self._skip_nonfinite_steps,
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        options = state.pop("_mb_options", None)
+        super().__setstate__(state)
+        if options is None:  # torch.optim.Optimizer.load_state_dict calls this too: nothing of ours to restore
+            return
+        self._fused = options.get("fused")
+        self._backend_request = options.get("backend")
+        self._skip_nonfinite_steps = options.get("skip_nonfinite_steps", False)
+        self._ddp = None
+        self._buckets = None  # rebuilt at the next step from the moving averages in self.state
+        device_types = {p.device.type for group in self.param_groups for p in group["params"]}
+        self._backends = resolve_backends(device_types, self._fused, self._backend_request)
 
     @property
     def backends(self) -> dict[str, str]:
@@ -136,7 +184,12 @@ class MetaBalance(torch.optim.Optimizer):
                     f"MetaBalance.step: {name} has shape {tuple(loss.shape)}; each loss must be a scalar "
                     "(reduce it with .mean() or .sum())"
                 )
-            if not loss.requires_grad or loss.grad_fn is None:
+            if loss.requires_grad and loss.grad_fn is None:
+                raise ValueError(
+                    f"MetaBalance.step: {name} is a leaf tensor (it requires grad but no computation made it); "
+                    "pass losses computed from the model's outputs"
+                )
+            if not loss.requires_grad:
                 raise ValueError(
                     f"MetaBalance.step: {name} does not require grad (no graph reaches a trainable tensor); "
                     "compute it from the model's outputs without torch.no_grad() or .detach()"
@@ -157,72 +210,147 @@ class MetaBalance(torch.optim.Optimizer):
             for p in group["params"]:
                 by_key.setdefault((p.device, p.dtype), []).append(p)
             for params in by_key.values():
-                rows = [self.state[p].get(_STATE_KEY) for p in params]
-                bucket = Bucket(params, num_tasks, rows)
-                for p, view in zip(params, bucket.norm_ema_views()):
-                    self.state[p][_STATE_KEY] = view
-                buckets.append((group, bucket))
+                rows = [self.state[p].get(_STATE_KEY) if p in self.state else None for p in params]
+                buckets.append((group, Bucket(params, num_tasks, rows)))
         return buckets
 
+    def _store_state(self, buckets: list[tuple[dict, Bucket]]) -> None:
+        """Point each parameter's optimizer state at its row of its bucket's moving averages."""
+        for _, bucket in buckets:
+            for p, view in zip(bucket.params, bucket.norm_ema_views()):
+                self.state[p][_STATE_KEY] = view
+                self.state[p][_SHAPE_KEY] = tuple(p.shape)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`. The moving averages keep their float32 (or float64)
-        dtype; ``torch.optim.Optimizer`` would otherwise cast them to the parameter dtype."""
+        """Load a state saved by :meth:`state_dict`.
+
+        Everything is checked before anything changes: the hyperparameters, one task count for every moving
+        average, finite non-negative averages, and each parameter's shape against the shape saved with its state
+        (a state saved with the parameters in another order is refused). The moving averages keep their float32
+        (or float64) dtype; ``torch.optim.Optimizer`` would otherwise cast them to the parameter dtype.
+        """
         # States saved before 0.2 carry a `deterministic` flag that no backend ever read: drop it.
         saved_groups = [{k: v for k, v in g.items() if k != "deterministic"} for g in state_dict["param_groups"]]
+        saved_groups = [dict(g) for g in saved_groups]
         for group in saved_groups:
             _check_hyperparameters(group)
-        state_dict = {**state_dict, "param_groups": saved_groups}
-        super().load_state_dict(state_dict)
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError(
+                "MetaBalance.load_state_dict: the state has "
+                f"{[len(g['params']) for g in saved_groups]} parameters per group, this balancer "
+                f"{[len(g['params']) for g in self.param_groups]}; build it with the same parameters"
+            )
         ids = [pid for group in saved_groups for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        sizes = set()
-        for pid, p in zip(ids, params):
+        emas: dict[int, torch.Tensor] = {}
+        for index, (pid, p) in enumerate(zip(ids, params)):
             entry = state_dict["state"].get(pid)
-            if entry is not None and _STATE_KEY in entry:
-                ema = entry[_STATE_KEY].to(device=p.device, dtype=state_dtype(p.dtype)).clone()
-                self.state[p][_STATE_KEY] = ema
-                sizes.add(ema.numel())
-        if len(sizes) > 1:
-            raise ValueError(f"MetaBalance.load_state_dict: inconsistent task counts in the state: {sorted(sizes)}")
+            if entry is None:
+                continue
+            shape = entry.get(_SHAPE_KEY)
+            if shape is not None and tuple(shape) != tuple(p.shape):
+                raise ValueError(
+                    f"MetaBalance.load_state_dict: parameter {index} has shape {tuple(p.shape)} but its saved state "
+                    f"belongs to a tensor of shape {tuple(shape)}; pass the parameters in the order they were saved"
+                )
+            ema = entry.get(_STATE_KEY)
+            if ema is None:
+                continue
+            if not isinstance(ema, torch.Tensor) or ema.dim() != 1 or not ema.is_floating_point():
+                raise ValueError(
+                    f"MetaBalance.load_state_dict: parameter {index}'s {_STATE_KEY} is not a 1-D float tensor"
+                )
+            if not bool(torch.isfinite(ema).all()) or bool((ema < 0).any()):
+                raise ValueError(
+                    f"MetaBalance.load_state_dict: parameter {index}'s moving averages must be finite and >= 0, "
+                    f"got {ema.tolist()}"
+                )
+            emas[index] = ema
+        counts = sorted({ema.numel() for ema in emas.values()})
+        if len(counts) > 1:
+            raise ValueError(f"MetaBalance.load_state_dict: inconsistent task counts in the state: {counts}")
+        super().load_state_dict({**state_dict, "param_groups": saved_groups})
+        for index, ema in emas.items():
+            p = params[index]
+            self.state[p][_STATE_KEY] = ema.to(device=p.device, dtype=state_dtype(p.dtype)).clone()
+            self.state[p][_SHAPE_KEY] = tuple(p.shape)
         self._buckets = None
 
     # ---- the step -----------------------------------------------------------------------------------
     # Under torch.compile the step runs eagerly: its backward passes are graph breaks anyway, and the fused
     # kernels are already single launches; the caller's forward is still compiled.
     @torch.compiler.disable
-    def step(self, losses: Sequence[torch.Tensor]) -> None:  # type: ignore[override]
+    def step(self, losses: Sequence[torch.Tensor], update_averages: bool = True) -> None:  # type: ignore[override]
         """Backpropagate each loss, balance the shared gradients and add them to ``p.grad``.
 
         Args:
             losses: scalar losses ``[target, aux_1, ..., aux_K]``, target first; the same count every step.
+            update_averages: False keeps every moving average as it is and weights this step's gradients with
+                the current ones: for gradient accumulation, where several ``step`` calls feed one optimizer
+                step, pass True on one micro-batch per optimizer step (or on every one, to average over
+                micro-batches as the paper's per-step averages would), False on the others.
 
-        Call it where you would call ``sum(losses).backward()``; then call your optimizer's ``step()``.
+        Call it where you would call ``sum(losses).backward()``; then call your optimizer's ``step()``. On any
+        error, every ``.grad`` the step touched, the moving averages and the task count are as before the call.
         """
+        for group in self.param_groups:  # values edited in param_groups are checked before any backward
+            _check_hyperparameters(group)
         losses = self._check_losses(losses)
         num_tasks = len(losses)
-        if self._buckets is None or self._buckets[0][1].num_tasks != num_tasks:
-            self._buckets = self._build_buckets(num_tasks)
-        buckets = [bucket for _, bucket in self._buckets]
+        buckets_with_groups = self._buckets
+        fresh = buckets_with_groups is None or buckets_with_groups[0][1].num_tasks != num_tasks
+        if fresh:
+            buckets_with_groups = self._build_buckets(num_tasks)
+        buckets = [bucket for _, bucket in buckets_with_groups]
+        previous_ema = [b.norm_ema.clone() for b in buckets]
         capture = capture_task_grads(losses, buckets)
         try:
             with torch.no_grad():
                 if self._ddp is not None:
                     self._ddp.reduce_others()
-                previous_ema = [b.norm_ema.clone() for b in buckets] if self._skip_nonfinite_steps else None
                 outputs = []
-                for group, bucket in self._buckets:
+                for group, bucket in buckets_with_groups:
                     combined = torch.empty(bucket.layout.numel, dtype=bucket.dtype, device=bucket.device)
-                    hyper = Hyperparameters(group["relax_factor"], group["beta"], group["strategy"])
+                    # beta = 1 leaves every average as it is (m <- 1 m + 0 n); validation keeps users' beta < 1.
+                    beta = group["beta"] if update_averages else 1.0
+                    hyper = Hyperparameters(group["relax_factor"], beta, group["strategy"])
                     self._balance_fn(bucket.device.type)(
                         bucket.task_grads, bucket.norm_ema, combined, bucket.layout, hyper
                     )
                     outputs.append(combined)
-                if previous_ema is not None:
+                if self._skip_nonfinite_steps:
                     _revert_ema_if_nonfinite(buckets, outputs, previous_ema)
         except BaseException:
+            for bucket, old in zip(buckets, previous_ema):
+                bucket.norm_ema.copy_(old)
             capture.abort()
             raise
         capture.commit(outputs)
+        if fresh:
+            self._buckets = buckets_with_groups
+            self._store_state(buckets_with_groups)
+            self._warn_if_target_never_reaches(buckets_with_groups)
+
+    def _warn_if_target_never_reaches(self, buckets_with_groups: list[tuple[dict, Bucket]]) -> None:
+        """After the first step of a layout (one host read, once): warn when a balanced tensor has m_0 == 0 but
+        an auxiliary m_t > 0, the sign of balancing a tower (model.parameters() passed in)."""
+        names = []
+        for _, bucket in buckets_with_groups:
+            ema = bucket.norm_ema
+            if ema.shape[1] < 2:
+                continue
+            suspicious = ((ema[:, 0] == 0) & (ema[:, 1:] > 0).any(dim=1)).nonzero().flatten().tolist()
+            names += [f"{tuple(bucket.params[i].shape)}" for i in suspicious]
+        if names:
+            warnings.warn(
+                f"MetaBalance: {len(names)} balanced tensor(s) (shapes {', '.join(names[:5])}) get gradient from "
+                "auxiliary tasks but none from the target (m_0 = 0), so their auxiliary gradients are scaled by "
+                "1 - relax_factor. Balance only the shared parameters (e.g. model.shared_parameters(), not "
+                "model.parameters()).",
+                stacklevel=4,  # the caller of step (through torch.compiler.disable's wrapper)
+            )
 
     def _balance_fn(self, device_type: str) -> BalanceFn:
         _, balance = self._backends[device_type]
@@ -247,23 +375,36 @@ class MetaBalance(torch.optim.Optimizer):
 
 def _revert_ema_if_nonfinite(buckets: list[Bucket], outputs: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
     """Restore every moving average when any combined gradient is non-finite (no host synchronisation)."""
-    # A float32 sum is non-finite iff an element is (finite gradients would need |g| ~ 1e38 to overflow it).
+    # Elementwise, not a sum: a sum of large finite gradients can overflow.
     device = buckets[0].device
-    all_finite = torch.stack([torch.isfinite(out.sum(dtype=torch.float32)).to(device) for out in outputs]).all()
+    all_finite = torch.stack([torch.isfinite(out).all().to(device) for out in outputs]).all()
     for bucket, old in zip(buckets, previous):
         bucket.norm_ema.copy_(torch.where(all_finite.to(bucket.device), bucket.norm_ema, old))
 
 
+def _as_number(value: Any) -> float | None:
+    """A plain float from a Python/numpy real or a one-element tensor; None for anything else (bools too)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    r = group.get("relax_factor")
-    beta = group.get("beta")
+    """Validate a group's hyperparameters, normalising numbers (numpy scalars, 0-d tensors) to floats in place."""
+    r = _as_number(group.get("relax_factor"))
+    beta = _as_number(group.get("beta"))
     strategy = group.get("strategy")
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
-        raise ValueError(f"MetaBalance: relax_factor must be a number in [0, 1], got {r!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ValueError(f"MetaBalance: beta must be a number in [0, 1), got {beta!r}")
+    if r is None or not 0.0 <= r <= 1.0:
+        raise ValueError(f"MetaBalance: relax_factor must be a number in [0, 1], got {group.get('relax_factor')!r}")
+    if beta is None or not 0.0 <= beta < 1.0 or math.isnan(beta):
+        raise ValueError(f"MetaBalance: beta must be a number in [0, 1), got {group.get('beta')!r}")
     if strategy not in STRATEGIES:
         raise ValueError(
             f"MetaBalance: unknown strategy {strategy!r}; expected 'A' (shrink auxiliaries larger than the "
             "target), 'B' (boost smaller ones) or 'C' (both, the default)"
         )
+    group["relax_factor"], group["beta"] = r, beta

@@ -25,6 +25,14 @@ stray = [n for n in names if not (n.startswith("mb_kernels/") or n.startswith("m
 if stray:
     sys.exit(f"[wheel_smoke] the wheel ships files outside the library: {stray}")
 print(f"[wheel_smoke] wheel holds {len(names)} files, all under mb_kernels/ (library, extension, metadata)")
+wheel = zipfile.ZipFile(sys.argv[1])
+metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+for field in ("Summary: MetaBalance", "License", "Description-Content-Type: text/markdown", "# mb_kernels"):
+    if field not in metadata:
+        sys.exit(f"[wheel_smoke] the wheel's METADATA lacks {field!r}")
+if not any(n.endswith("LICENSE") for n in names):
+    sys.exit(f"[wheel_smoke] the wheel does not ship the LICENSE file: {names}")
+print("[wheel_smoke] METADATA has the summary, the licence and the README as long description; LICENSE shipped")
 PY
 
 echo "[wheel_smoke] installing it into a fresh venv with torch==$torch_version"
