@@ -189,3 +189,143 @@ def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]
         capture.abort()
         raise
     return capture
+
+
+# ---- capture through a shared representation -------------------------------------------------------------------
+def _edge(tensor: torch.Tensor) -> tuple:
+    return (tensor.grad_fn, tensor.output_nr)
+
+
+def _split_graph(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]):
+    """Walk the graph from the losses without crossing the edges into ``shared``: returns the leaves found above
+    the cut (towers), whether each shared output is reached, and the balanced parameters reached above the cut
+    (paths that avoid ``shared``: an error for the caller)."""
+    cut = {_edge(h): i for i, h in enumerate(shared)}
+    reached_shared = [False] * len(shared)
+    towers: dict[int, torch.Tensor] = {}
+    leaking: list[torch.Tensor] = []
+    seen: set = set()
+    stack = []
+    for loss in losses:
+        edge = _edge(loss)
+        if edge in cut:
+            reached_shared[cut[edge]] = True
+        elif loss.grad_fn is not None:
+            stack.append(loss.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) in balanced_ids:
+                leaking.append(variable)
+            else:
+                towers.setdefault(id(variable), variable)
+            continue
+        for child, output_nr in node.next_functions:
+            if child is None:
+                continue
+            if (child, output_nr) in cut:
+                reached_shared[cut[(child, output_nr)]] = True
+            else:
+                stack.append(child)
+    return list(towers.values()), reached_shared, leaking
+
+
+def capture_task_grads_through(
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], shared: Sequence[torch.Tensor]
+) -> Capture:
+    """Per-task gradients of the balanced parameters through the shared representation ``shared`` (tensors
+    through which every path from every loss to every balanced parameter passes).
+
+    Each loss is backpropagated through its own tower only, down to ``shared`` (the towers' parameters collect
+    the plain sum, as in :func:`capture_task_grads`); then one batched backward (``is_grads_batched``: vmap over
+    the task dimension) carries the T cotangents at ``shared`` through the shared bottom into every balanced
+    parameter's per-task gradient. Exact per-task gradients, no subtraction. The last tower pass runs from all
+    losses (zero seeds but the last) without retaining, and the bottom pass does not retain either, so no graph
+    survives the step. Everything checkable is checked before the first backward.
+    """
+    balanced = [p for bucket in buckets for p in bucket.params]
+    balanced_ids = {id(p) for p in balanced}
+    for i, h in enumerate(shared):
+        if not isinstance(h, torch.Tensor) or not h.requires_grad or h.grad_fn is None:
+            raise ValueError(
+                f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
+                "(the shared bottom's output), with its graph (not detached, not a leaf)"
+            )
+    towers, reached_shared, leaking = _split_graph(losses, shared, balanced_ids)
+    if leaking:
+        shapes = ", ".join(str(tuple(p.shape)) for p in leaking[:5])
+        raise ValueError(
+            f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {shapes} without passing through "
+            "shared_output; pass every tensor the towers take from the shared bottom (a sequence is accepted), "
+            "or call step(losses) without shared_output"
+        )
+    if not any(reached_shared):
+        raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
+    below = reached_leaves(shared)
+    if not any(id(leaf) in balanced_ids for leaf in below):
+        raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
+    bottom_others = [leaf for leaf in below if id(leaf) not in balanced_ids]
+    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in {id(t) for t in towers}])
+    for p in capture.others:
+        p.grad = None
+    for p in balanced:
+        p.grad = None
+    try:
+        tower_inputs = [*shared, *towers]
+        last = len(losses) - 1
+        per_task_h: list[list[torch.Tensor | None]] = []
+        tower_sums: list[torch.Tensor | None] = [None] * len(towers)
+        for task, loss in enumerate(losses):
+            if task < last:
+                grads = torch.autograd.grad(loss, tower_inputs, retain_graph=True, allow_unused=True)
+            else:
+                # From every root, zero seeds but the last: every tower node runs once more without retain.
+                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+                grads = torch.autograd.grad(list(losses), tower_inputs, grad_outputs=seeds, allow_unused=True)
+            per_task_h.append(list(grads[: len(shared)]))
+            for j, g in enumerate(grads[len(shared) :]):
+                if g is not None:
+                    tower_sums[j] = g if tower_sums[j] is None else tower_sums[j] + g
+        cotangents = [
+            torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
+            for i, h in enumerate(shared)
+        ]
+        bottom_inputs = [*balanced, *bottom_others]
+        try:
+            bottom = torch.autograd.grad(
+                list(shared), bottom_inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError as err:
+            raise RuntimeError(
+                "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (an "
+                "operation without a vmap rule, e.g. a custom autograd.Function?); call step(losses) without "
+                f"shared_output for this model. Cause: {err}"
+            ) from err
+        with torch.no_grad():
+            index = 0
+            for bucket, hit in zip(buckets, capture.reached):
+                start = 0
+                for i, size in enumerate(bucket.layout.sizes):
+                    g = bottom[index]
+                    index += 1
+                    block = bucket.task_grads[:, start : start + size]  # tensor i's T rows, one strided copy
+                    start += size
+                    if g is None:
+                        block.zero_()
+                    else:
+                        block.copy_(g.reshape(len(losses), size))
+                    hit[i] = g is not None
+            for p, g in zip(towers, tower_sums):
+                p.grad = g
+            for p, g in zip(bottom_others, bottom[len(balanced) :]):
+                if g is not None:
+                    total = g.sum(0)
+                    p.grad = total if p.grad is None else p.grad + total
+    except BaseException:
+        capture.abort()
+        raise
+    return capture

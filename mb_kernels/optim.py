@@ -12,7 +12,7 @@ import torch
 
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
-from .capture import Bucket, capture_task_grads
+from .capture import Bucket, capture_task_grads, capture_task_grads_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
 
@@ -282,11 +282,23 @@ class MetaBalance(torch.optim.Optimizer):
     # Under torch.compile the step runs eagerly: its backward passes are graph breaks anyway, and the fused
     # kernels are already single launches; the caller's forward is still compiled.
     @torch.compiler.disable
-    def step(self, losses: Sequence[torch.Tensor], update_averages: bool = True) -> None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        losses: Sequence[torch.Tensor],
+        shared_output: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        update_averages: bool = True,
+    ) -> None:
         """Backpropagate each loss, balance the shared gradients and add them to ``p.grad``.
 
         Args:
             losses: scalar losses ``[target, aux_1, ..., aux_K]``, target first; the same count every step.
+            shared_output: the shared bottom's output(s) — tensors through which every path from every loss to
+                every balanced parameter passes (e.g. the representation the towers take). Then each loss is
+                backpropagated through its own tower only, and one batched backward carries the T gradients at
+                ``shared_output`` through the shared bottom: the same result as without it, with one walk of the
+                bottom instead of T. The shared bottom must support ``torch.vmap`` of its backward (custom
+                autograd Functions may not). Checked before any backward: a loss that reaches a balanced
+                parameter around it is an error.
             update_averages: False keeps every moving average as it is and weights this step's gradients with
                 the current ones: for gradient accumulation, where several ``step`` calls feed one optimizer
                 step, pass True on one micro-batch per optimizer step (or on every one, to average over
@@ -305,7 +317,11 @@ class MetaBalance(torch.optim.Optimizer):
             buckets_with_groups = self._build_buckets(num_tasks)
         buckets = [bucket for _, bucket in buckets_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets]
-        capture = capture_task_grads(losses, buckets)
+        if shared_output is None:
+            capture = capture_task_grads(losses, buckets)
+        else:
+            shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
+            capture = capture_task_grads_through(losses, buckets, shared)
         try:
             with torch.no_grad():
                 if self._ddp is not None:

@@ -1,0 +1,179 @@
+"""``step(losses, shared_output=h)``: towers backpropagated once each to h, one batched backward through the shared
+bottom. It must give the plain ``step(losses)`` results (float64, several models), free the graph, and refuse a bad
+h before touching anything."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mb_kernels import MetaBalance
+
+T = 3
+
+
+class SharedBottom(nn.Module):
+    """Embedding + MLP bottom, one tower per task (separate parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(40, 6)
+        self.bottom = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8))
+        self.towers = nn.ModuleList([nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [*self.embedding.parameters(), *self.bottom.parameters()]
+
+    def losses(self, items, labels):
+        h = self.bottom(self.embedding(items))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+class MMoE(nn.Module):
+    """Shared experts (balanced); per-task gates from the input (not balanced) and towers."""
+
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        self.embedding = nn.Embedding(40, 6)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(6, 8), nn.ReLU()) for _ in range(experts)])
+        self.gates = nn.ModuleList([nn.Linear(6, experts) for _ in range(T)])
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [*self.embedding.parameters(), *self.experts.parameters()]
+
+    def losses(self, items, labels):
+        x = self.embedding(items)
+        expert_out = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, 8]
+        out = []
+        for i, (gate, tower) in enumerate(zip(self.gates, self.towers)):
+            weights = torch.softmax(gate(x.detach()), dim=-1)  # gates read the input, not the shared graph
+            mixed = (weights.unsqueeze(-1) * expert_out).sum(1)
+            out.append(F.binary_cross_entropy_with_logits(tower(mixed).squeeze(-1), labels[:, i]))
+        return out, expert_out
+
+
+class TwoOutputs(nn.Module):
+    """Two shared branches (user and item), one shared head for all tasks (a tower shared by every loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.users = nn.Embedding(30, 5)
+        self.items = nn.Embedding(40, 5)
+        self.user_mlp = nn.Linear(5, 6)
+        self.item_mlp = nn.Linear(5, 6)
+        self.head = nn.Linear(12, T)
+
+    def shared_parameters(self):
+        return [
+            *self.users.parameters(),
+            *self.items.parameters(),
+            *self.user_mlp.parameters(),
+            *self.item_mlp.parameters(),
+        ]
+
+    def losses(self, items, labels):
+        u = torch.tanh(self.user_mlp(self.users(items % 30)))
+        v = torch.tanh(self.item_mlp(self.items(items)))
+        logits = self.head(torch.cat([u, v], dim=-1))
+        return [F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i]) for i in range(T)], (u, v)
+
+
+def _batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, 40, (24,), generator=gen)
+    labels = (torch.rand(24, T, generator=gen) < 0.4).double()
+    return items, labels
+
+
+@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs])
+@pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("B", 0.5, 0.9), ("C", 0.7, 0.9)])
+@pytest.mark.parametrize("fused", [False, None])
+def test_shared_output_equals_plain_step(model_cls, strategy, relax, beta, fused):
+    torch.manual_seed(0)
+    plain_model = model_cls().double()
+    fast_model = copy.deepcopy(plain_model)
+    kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=fused)
+    plain_mb = MetaBalance(plain_model.shared_parameters(), **kwargs)
+    fast_mb = MetaBalance(fast_model.shared_parameters(), **kwargs)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.5)
+    fast_opt = torch.optim.SGD(fast_model.parameters(), lr=0.5)
+    for step in range(3):
+        items, labels = _batch(step)
+        plain_opt.zero_grad(set_to_none=True)
+        fast_opt.zero_grad(set_to_none=True)
+        plain_mb.step(plain_model.losses(items, labels)[0])
+        losses, shared = fast_model.losses(items, labels)
+        fast_mb.step(losses, shared_output=shared)
+        for (name, p), q in zip(plain_model.named_parameters(), fast_model.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+        for p, q in zip(plain_model.shared_parameters(), fast_model.shared_parameters()):
+            torch.testing.assert_close(fast_mb.state[q]["norm_ema"], plain_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        plain_opt.step()
+        fast_opt.step()
+
+
+def test_existing_grads_accumulate_as_with_the_plain_step():
+    torch.manual_seed(1)
+    plain_model = SharedBottom().double()
+    fast_model = copy.deepcopy(plain_model)
+    for m in (plain_model, fast_model):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.25)
+    items, labels = _batch(5)
+    MetaBalance(plain_model.shared_parameters(), fused=False).step(plain_model.losses(items, labels)[0])
+    losses, h = fast_model.losses(items, labels)
+    MetaBalance(fast_model.shared_parameters(), fused=False).step(losses, shared_output=h)
+    for p, q in zip(plain_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_no_graph_survives_the_step():
+    model = SharedBottom()
+    mb = MetaBalance(model.shared_parameters(), fused=False)
+    losses, h = model.losses(*_batch(0))
+    mb.step(losses, shared_output=h)
+    for root in (losses[0], h.sum()):
+        with pytest.raises(RuntimeError, match=r"backward through the graph a second time|freed"):
+            root.backward()
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["detached", "around", "no-balanced", "not-a-tensor"])
+def test_bad_shared_output_raises_before_touching_anything(case):
+    torch.manual_seed(2)
+    model = SharedBottom()
+    mb = MetaBalance(model.shared_parameters(), fused=False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    items, labels = _batch(1)
+    losses, h = model.losses(items, labels)
+    if case == "detached":
+        bad, match = h.detach(), "computed from the balanced parameters"
+    elif case == "around":
+        # A loss that reaches the embedding without passing through h.
+        losses = [losses[0], losses[1] + model.embedding.weight.sum() * 1e-3, losses[2]]
+        bad, match = h, "without passing through shared_output"
+    elif case == "no-balanced":
+        # Losses that reach h, and h computed from a tower only.
+        bad = torch.tanh(model.towers[0][0](torch.randn(24, 8)))
+        losses = [bad.sum() * k for k in (1.0, 2.0, 3.0)]
+        match = "does not depend on any balanced parameter"
+    else:
+        bad, match = [h, 3.0], "must be a tensor"
+    before = _grads(model)
+    with pytest.raises(ValueError, match=match):
+        mb.step(losses, shared_output=bad)
+    for got, want in zip(_grads(model), before):
+        assert torch.equal(got, want)
+    assert mb.num_tasks is None
