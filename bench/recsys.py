@@ -28,6 +28,16 @@ def task_losses(model: nn.Module, batch) -> list[torch.Tensor]:
     return [F.binary_cross_entropy_with_logits(logits[:, t], labels[:, t]) for t in range(labels.shape[1])]
 
 
+def task_losses_and_shared(model: nn.Module, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The same losses as :func:`task_losses`, with the shared representation the towers take (for
+    ``MetaBalance.step(losses, shared_output=h)``)."""
+    users, items, labels = batch
+    h = model.shared(users, items)
+    logits = torch.cat([tower(h) for tower in model.towers], dim=-1)
+    losses = [F.binary_cross_entropy_with_logits(logits[:, t], labels[:, t]) for t in range(labels.shape[1])]
+    return losses, h
+
+
 def build_model(device: str, quick: bool, materialize: bool = True) -> tuple[nn.Module, str]:
     """(model, description). ``materialize=False`` builds on the meta device (shapes only, no memory)."""
     users, items = (QUICK_USERS, QUICK_ITEMS) if quick else (NUM_USERS, NUM_ITEMS)

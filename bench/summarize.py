@@ -195,7 +195,7 @@ def rechub_table(benchmarks: list[dict]) -> Table:
     return table
 
 
-E2E_ORDER = ["vanilla", "original-style", "torch-rechub", "fused=None"]
+E2E_ORDER = ["vanilla", "original-style", "torch-rechub", "fused=None", "fused=None+shared_output"]
 
 
 def e2e_tables(benchmarks: list[dict]) -> tuple[list[Table], dict]:
@@ -221,7 +221,14 @@ def e2e_tables(benchmarks: list[dict]) -> tuple[list[Table], dict]:
         keys = sorted(k for k in groups if k[:2] == (device, source))
         seen = {v for k in keys for v in groups[k]}
         variants = [v for v in E2E_ORDER if v in seen] + sorted(seen - set(E2E_ORDER))
-        header = ["batch", *[f"{v} ms" for v in variants], "fused=None uses", "fused / vanilla", "orig / fused"]
+        header = [
+            "batch",
+            *[f"{v} ms" for v in variants],
+            "fused=None uses",
+            "fused / vanilla",
+            "orig / fused",
+            "shared_output / vanilla",
+        ]
         table = Table(f"End to end, {device}: {titles[source]} ({STAT} ms); model {models[device]}", header)
         for key in keys:
             rows = groups[key]
@@ -229,6 +236,7 @@ def e2e_tables(benchmarks: list[dict]) -> tuple[list[Table], dict]:
             orig = rows.get("original-style", {}).get("median")
             fused_row = rows.get("fused=None", {})
             fused = fused_row.get("median")
+            through = rows.get("fused=None+shared_output", {}).get("median")
             entry = {
                 "backend": fused_row.get("backend"),
                 "source": source,
@@ -243,6 +251,7 @@ def e2e_tables(benchmarks: list[dict]) -> tuple[list[Table], dict]:
                     entry["backend"] or "-",
                     _x(entry["over_vanilla"]),
                     _x(entry["orig_over_fused"]),
+                    _x(through / vanilla if through and vanilla else None),
                 ]
             )
         tables.append(table)

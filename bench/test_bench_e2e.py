@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench import common
-from bench.recsys import build_model, random_batches, task_losses
+from bench.recsys import build_model, random_batches, task_losses, task_losses_and_shared
 from mb_kernels import MetaBalance
 from mb_kernels.dispatch import available_backends
 
@@ -35,7 +35,7 @@ def batch_sizes() -> list[int]:
 
 
 def variants(device: str) -> list[str]:
-    names = ["vanilla", "original-style", "torch-rechub", "fused=None"]
+    names = ["vanilla", "original-style", "torch-rechub", "fused=None", "fused=None+shared_output"]
     for name in available_backends(device):
         if not (device == "cpu" and name == "triton"):  # the interpreter is a test vehicle, not a fast path
             names.append(f"backend={name}")
@@ -93,10 +93,19 @@ def _make_step(device: str, variant: str, model, batches, info: dict, compare_re
             info["rechub_vs_ours"] = _rechub_vs_ours(rechub_cls, model, batches)
         combine = rechub_cls(shared, relax_factor=common.RELAX_FACTOR, beta=common.BETA).step
     else:
-        kwargs = {"fused": None} if variant == "fused=None" else {"backend": variant.removeprefix("backend=")}
+        kwargs = {"backend": variant.removeprefix("backend=")} if variant.startswith("backend=") else {"fused": None}
         balancer = MetaBalance(shared, relax_factor=common.RELAX_FACTOR, beta=common.BETA, **kwargs)
         info["backend"] = balancer.backends.get(device)
         combine = balancer.step
+        if variant.endswith("+shared_output"):
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                losses, h = task_losses_and_shared(model, batches[next(which)])
+                balancer.step(losses, shared_output=h)
+                optimizer.step()
+
+            return step
 
     def step():
         optimizer.zero_grad(set_to_none=True)
