@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
@@ -234,6 +235,39 @@ def _split_graph(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
     return list(towers.values()), reached_shared, leaking
 
 
+def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
+    """Embedding lookups of balanced tables below ``shared`` whose table the bottom reaches through lookups only:
+    ``{id(table): [EmbeddingBackward node, ...]}``. The batched backward then stops at each lookup's output (a
+    ``[T, rows, d]`` gradient of the looked-up rows) instead of running the dense ``[V, d]`` embedding backward
+    once per task; the rows are added into the workspace by index. ``scale_grad_by_freq`` and sparse lookups are
+    left to autograd."""
+    lookups: dict[int, list] = {}
+    other_parents: set[int] = set()
+    seen: set = set()
+    stack = [h.grad_fn for h in shared if h.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        is_lookup = (
+            type(node).__name__ == "EmbeddingBackward0"
+            and not node._saved_scale_grad_by_freq
+            and not node._saved_sparse
+        )
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None and id(variable) in balanced_ids:
+                if is_lookup and variable.dim() == 2:
+                    lookups.setdefault(id(variable), []).append(node)
+                else:
+                    other_parents.add(id(variable))
+            stack.append(child)
+    return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
+
+
 def capture_task_grads_through(
     losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], shared: Sequence[torch.Tensor]
 ) -> Capture:
@@ -294,9 +328,13 @@ def capture_task_grads_through(
             torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
             for i, h in enumerate(shared)
         ]
-        bottom_inputs = [*balanced, *bottom_others]
+        lookups = _embedding_lookups(shared, balanced_ids)
+        dense = [p for p in balanced if id(p) not in lookups]
+        lookup_nodes = [node for p in balanced for node in lookups.get(id(p), [])]
+        edges = [GradientEdge(node, 0) for node in lookup_nodes]
+        bottom_inputs = [*dense, *bottom_others, *edges]
         try:
-            bottom = torch.autograd.grad(
+            results = torch.autograd.grad(
                 list(shared), bottom_inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
             )
         except RuntimeError as err:
@@ -305,23 +343,38 @@ def capture_task_grads_through(
                 "operation without a vmap rule, e.g. a custom autograd.Function?); call step(losses) without "
                 f"shared_output for this model. Cause: {err}"
             ) from err
+        dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
+        row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
+        num_tasks = len(losses)
         with torch.no_grad():
-            index = 0
             for bucket, hit in zip(buckets, capture.reached):
                 start = 0
-                for i, size in enumerate(bucket.layout.sizes):
-                    g = bottom[index]
-                    index += 1
-                    block = bucket.task_grads[:, start : start + size]  # tensor i's T rows, one strided copy
+                for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
+                    block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
                     start += size
+                    if id(p) in lookups:
+                        block.zero_()
+                        table = block.view(num_tasks, p.shape[0], p.shape[1])
+                        for node in lookups[id(p)]:
+                            g = row_grads[node]
+                            if g is None:
+                                continue
+                            rows = node._saved_indices.reshape(-1)
+                            g = g.reshape(num_tasks, -1, p.shape[1])
+                            if node._saved_padding_idx >= 0:  # the padding row gets no gradient, as in autograd
+                                g = g * (rows != node._saved_padding_idx).to(g.dtype)[None, :, None]
+                            table.index_add_(1, rows, g.to(table.dtype))
+                            hit[i] = True
+                        continue
+                    g = dense_grads[id(p)]
                     if g is None:
                         block.zero_()
                     else:
-                        block.copy_(g.reshape(len(losses), size))
+                        block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     hit[i] = g is not None
             for p, g in zip(towers, tower_sums):
                 p.grad = g
-            for p, g in zip(bottom_others, bottom[len(balanced) :]):
+            for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):
                 if g is not None:
                     total = g.sum(0)
                     p.grad = total if p.grad is None else p.grad + total

@@ -84,14 +84,38 @@ class TwoOutputs(nn.Module):
         return [F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i]) for i in range(T)], (u, v)
 
 
+class EmbeddingCases(nn.Module):
+    """Lookups the capture handles by rows: a padding_idx table looked up twice (duplicates across lookups), a table
+    tied to a matmul (dense path: it is reached around its lookup), and a scale_grad_by_freq table (dense path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.padded = nn.Embedding(40, 6, padding_idx=3)
+        self.tied = nn.Embedding(40, 6)
+        self.by_freq = nn.Embedding(40, 6, scale_grad_by_freq=True)
+        self.mix = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [*self.padded.parameters(), *self.tied.parameters(), *self.by_freq.parameters(), *self.mix.parameters()]
+
+    def losses(self, items, labels):
+        x = self.padded(items) + self.padded((items * 7) % 40) + self.by_freq(items % 5)
+        x = x + self.tied(items) + (x @ self.tied.weight.t())[:, :6]
+        h = torch.tanh(self.mix(x))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
 def _batch(seed):
     gen = torch.Generator().manual_seed(seed)
     items = torch.randint(0, 40, (24,), generator=gen)
+    items[:3] = 3  # the padding row, and duplicates
     labels = (torch.rand(24, T, generator=gen) < 0.4).double()
     return items, labels
 
 
-@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs])
+@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases])
 @pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("B", 0.5, 0.9), ("C", 0.7, 0.9)])
 @pytest.mark.parametrize("fused", [False, None])
 def test_shared_output_equals_plain_step(model_cls, strategy, relax, beta, fused):
@@ -177,3 +201,13 @@ def test_bad_shared_output_raises_before_touching_anything(case):
     for got, want in zip(_grads(model), before):
         assert torch.equal(got, want)
     assert mb.num_tasks is None
+
+
+def test_lookups_are_cut_at_their_rows_only_where_that_is_exact():
+    from mb_kernels.capture import _embedding_lookups
+
+    model = EmbeddingCases()
+    _, h = model.losses(*_batch(0))
+    lookups = _embedding_lookups([h], {id(p) for p in model.shared_parameters()})
+    assert set(lookups) == {id(model.padded.weight)}  # tied: reached around its lookup; by_freq: scaled rows
+    assert len(lookups[id(model.padded.weight)]) == 2
