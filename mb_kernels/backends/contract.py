@@ -36,7 +36,8 @@ def strategy_index(strategy: str) -> int:
 
 
 def state_dtype(grad_dtype: torch.dtype) -> torch.dtype:
-    """EMA state and accumulation dtype: float32, or float64 for float64 parameters ("float32 or better")."""
+    """EMA state and combine accumulation dtype: float32, or float64 for float64 parameters ("float32 or better").
+    The norms' squares are summed in float64 for every dtype (docs/design.md §1)."""
     return torch.float64 if grad_dtype == torch.float64 else torch.float32
 
 

@@ -5,7 +5,7 @@ For one bucket (all balanced tensors of one param group, device and dtype, laid 
 workspace) and tasks t = 0..T-1 (t = 0 is the target), per tensor p (Algorithm 2 of the paper):
 
 .. math::
-    n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{accumulated in float32 or better} \\
+    n_{p,t} &= \lVert g_{p,t} \rVert_2                        && \text{squares summed in float64} \\
     m_{p,t} &\leftarrow \beta\, m_{p,t} + (1-\beta)\, n_{p,t}  && \text{only where } n_{p,t} \text{ is finite} \\
     w_{p,t} &= \begin{cases} r\, m_{p,0}/m_{p,t} + (1 - r) & \text{if } t \text{ is rescaled and } m_{p,t} \ne 0 \\
                              1 & \text{otherwise} \end{cases} \\
@@ -17,6 +17,14 @@ moving-average factor (m = 0 before the first step). The weight is the paper's (
 r m_0/m_t + (1 - r) (see :func:`balance_weights`). G is accumulated in the state dtype and rounded once into
 the gradient dtype. Every condition is a ``torch.where`` on device tensors: no host synchronisation on tensor
 values.
+
+Norms (:func:`tensor_norms`): the squares are summed in float64 and the square root is rounded once into the state
+dtype (float32, or float64 for float64 gradients). The square of any finite float32 (so float16 and bfloat16) value
+is exact in float64 and can neither overflow nor underflow there, so every finite gradient whose norm fits in float32
+gets its norm to within rounding; a float32 sum would overflow for norms above ~1.8e19 and lose elements below
+~1e-19, turning a task into a "non-finite" or a "zero" one without a trace. A norm beyond float32's range rounds to
+Inf (the task is then treated as non-finite). float64 gradients keep the plain float64 sum: their squares overflow
+for elements above ~1e154 and underflow below ~1e-162 (a scaled sum would cost a second pass for no practical case).
 """
 
 from __future__ import annotations
@@ -53,12 +61,37 @@ def update_norm_ema(norm_ema: torch.Tensor, norms: torch.Tensor, beta: float) ->
 
 
 def tensor_norms(task_grads: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
-    """n[p, t] = ||g_{p,t}||_2 over the flat workspace, accumulated in float32 (float64 for float64 grads)."""
+    """n[p, t] = ||g_{p,t}||_2 over the flat workspace in the state dtype: squares summed in float64, the square root
+    rounded once (module docstring). On devices without float64 (MPS), :func:`_scaled_norms`."""
     acc = state_dtype(task_grads.dtype)
     if layout.num_tensors == 0:
         return torch.zeros(0, task_grads.shape[0], dtype=acc, device=task_grads.device)
+    if task_grads.device.type == "mps":
+        return _scaled_norms(task_grads, layout)
     segments = task_grads.split(layout.sizes, dim=1)
-    return torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=acc) for s in segments])
+    return torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in segments]).to(acc)
+
+
+def _scaled_norms(task_grads: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+    """The norms without float64 (for float32/float16/bfloat16 gradients): each (tensor, task) segment is divided by
+    a power of two near its largest magnitude (exact), its float32 norm taken and scaled back, as LAPACK's nrm2
+    does. Same range as the float64 sum; float32 accumulation error (docs/design.md §5)."""
+    acc = state_dtype(task_grads.dtype)
+    if layout.num_tensors == 0:
+        return torch.zeros(0, task_grads.shape[0], dtype=acc, device=task_grads.device)
+    norms = []
+    for segment in task_grads.split(layout.sizes, dim=1):
+        segment = segment.to(acc)
+        if segment.shape[1] == 0:
+            norms.append(segment.new_zeros(segment.shape[0]))
+            continue
+        largest = segment.abs().amax(dim=1, keepdim=True)
+        # 2^-e with e the exponent of the largest magnitude (0 for zero or non-finite segments: they pass through),
+        # kept within [-125, 126] so that 2^-e and 2^e are normal floats; the scaled magnitudes are then < 4.
+        _, exponent = torch.frexp(torch.where(torch.isfinite(largest) & (largest > 0), largest, 0.5))
+        scale = torch.ldexp(torch.ones_like(largest), -exponent.clamp(-125, 126))
+        norms.append(torch.linalg.vector_norm(segment * scale, dim=1) / scale.squeeze(1))
+    return torch.stack(norms)
 
 
 def combine(task_grads: torch.Tensor, weights: torch.Tensor, layout: FlatLayout, out: torch.Tensor) -> None:
