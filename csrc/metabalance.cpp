@@ -6,6 +6,9 @@
 //   * Every squared sum is taken over fixed spans in a fixed order: kLanes independent lanes along the span, a
 //     fixed tree across lanes, and spans of one tensor added in order in float64. No result depends on which
 //     thread ran what.
+//   * Squares of float32/bfloat16 values are summed in float, and a span whose float sum may have overflowed or
+//     underflowed is summed again in double (sum_squares: the norm contract of docs/design.md §1 at the speed of
+//     the float loop, since the retry only runs for extreme or all-zero spans).
 //   * Small tensors (<= kCpuChunk elements) are packed into bundles of about kCpuChunk elements; one task runs
 //     norm -> EMA -> weights -> combine for each tensor of its bundle while its T rows are still in L1/L2.
 //   * Large tensors are split into kCpuChunk spans: a parallel pass of squared sums per span, a short serial pass
@@ -23,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -46,8 +50,9 @@ namespace {
 // Elements per CPU work item. T rows of it (T * 64 KiB in fp32) stay in the 1 MiB L2 between the norm and the
 // combine of a small tensor; large enough that the per-item overhead is noise.
 constexpr int64_t kCpuChunk = 16384;
-// Independent accumulators per squared sum: 32 floats = 4 AVX2 / 8 SSE registers, enough to hide add latency.
-// Fixed lanes + fixed tree give a fixed summation order the compiler can vectorise without reassociating.
+// Independent accumulators per squared sum: 32 floats = 4 AVX2 / 8 SSE registers (or 32 doubles, 8 AVX2 registers,
+// in the retry), enough to hide add latency. Fixed lanes + fixed tree give a fixed summation order the compiler can
+// vectorise without reassociating.
 constexpr int kLanes = 32;
 // Elements per block of the combine loop: the accumulators stay in registers across the T rows.
 constexpr int kCombineBlock = 64;
@@ -152,26 +157,53 @@ MB_ALWAYS_INLINE scalar_t to_grad(acc_t v) {
   }
 }
 
-// Squared L2 norm of x[0..n) in acc_t, summed in a fixed order (lane j takes elements j, j + kLanes, ...).
-template <bool kAvx2, typename scalar_t, typename acc_t>
-MB_ALWAYS_INLINE acc_t sum_squares(const scalar_t* x, int64_t n) {
-  acc_t lanes[kLanes];
-  for (int j = 0; j < kLanes; ++j) lanes[j] = acc_t(0);
+// Squared L2 norm of x[0..n) in sum_t (float or double), summed in a fixed order (lane j takes elements j,
+// j + kLanes, ...). With sum_t = double every element is widened before it is squared: the square of a float32 (so
+// float16, bfloat16) value is then exact (24 + 24 bits < 53) and within range, so the sum can neither overflow nor
+// lose tiny elements, and a fused multiply-add gives the same bits as a multiply and an add.
+template <bool kAvx2, typename sum_t, typename scalar_t, typename acc_t>
+MB_ALWAYS_INLINE sum_t sum_squares_in(const scalar_t* x, int64_t n) {
+  sum_t lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = sum_t(0);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const acc_t v = load<kAvx2, acc_t>(x + i + j);
+      const sum_t v = static_cast<sum_t>(load<kAvx2, acc_t>(x + i + j));
       lanes[j] += v * v;
     }
   }
   for (int j = 0; i + j < n; ++j) {
-    const acc_t v = load<kAvx2, acc_t>(x + i + j);
+    const sum_t v = static_cast<sum_t>(load<kAvx2, acc_t>(x + i + j));
     lanes[j] += v * v;
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   return lanes[0];
+}
+
+// Whether the float sum s of the squares of n float32/bfloat16 values is as good as a double sum: finite, and at
+// least n 2^-90. Squares only grow a sum, so an overflow anywhere leaves s = Inf (NaN input: NaN, also refused). An
+// underflowed or subnormal square errs by at most 2^-150 (2^-126 under flush-to-zero), as does each addition in the
+// subnormal range, so at s >= n 2^-90 they cost at most 2^-35 relative, far below float32's own rounding. Otherwise
+// (extreme values, or a span of zeros) the caller sums again in double: docs/design.md §1, §5.
+inline bool float_sum_in_range(float s, int64_t n) {
+  return static_cast<double>(s) >= static_cast<double>(n) * 0x1p-90 && s <= std::numeric_limits<float>::max();
+}
+
+// Squared L2 norm of x[0..n) as a double (docs/design.md §1): float32 and bfloat16 in float, summed again in double
+// when float_sum_in_range refuses the float sum; float16 in float (its squares, 2^-48 to 2^32, and any practical sum
+// of them lie well inside float's range); float64 in double (squares overflow above ~1e154: documented in
+// mb_kernels/backends/reference.py).
+template <bool kAvx2, typename scalar_t, typename acc_t>
+MB_ALWAYS_INLINE double sum_squares(const scalar_t* x, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return sum_squares_in<kAvx2, double, scalar_t, acc_t>(x, n);
+  } else {
+    const float s = sum_squares_in<kAvx2, float, scalar_t, acc_t>(x, n);
+    if (std::is_same_v<scalar_t, c10::Half> || float_sum_in_range(s, n)) return s;
+    return sum_squares_in<kAvx2, double, scalar_t, acc_t>(x, n);
+  }
 }
 
 // out[i] = g[0][i] + sum_{t>=1} w[t] g[t][i] for i in [begin, end): accumulated in acc_t, rounded once.
@@ -199,7 +231,7 @@ MB_ALWAYS_INLINE void combine(
 }
 
 template <typename scalar_t, typename acc_t>
-acc_t sum_squares_baseline(const scalar_t* x, int64_t n) {
+double sum_squares_baseline(const scalar_t* x, int64_t n) {
   return sum_squares<false, scalar_t, acc_t>(x, n);
 }
 
@@ -213,7 +245,8 @@ void combine_baseline(
 #if MB_X86_CLONES
 // float16 / bfloat16 on AVX2 + F16C, written with intrinsics (compilers do not vectorise scalar float16 conversions,
 // and barely bfloat16 ones). Same lanes, same order and same rounding as sum_squares / combine with kAvx2 (lane
-// j = 8 k + l of register k; round to nearest even; bfloat16 NaN -> 0x7fc0 as c10 does).
+// j = 8 k + l of 8-float register k, of 4-double register 2 k + l / 4 in the double retry; round to nearest even;
+// bfloat16 NaN -> 0x7fc0 as c10 does).
 template <typename scalar_t>
 MB_TARGET_AVX2 inline __m256 load8(const scalar_t* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -242,7 +275,7 @@ MB_TARGET_AVX2 inline void store8(scalar_t* p, __m256 v) {
 }
 
 template <typename scalar_t>
-MB_TARGET_AVX2 float sum_squares_reduced(const scalar_t* x, int64_t n) {
+MB_TARGET_AVX2 float sum_squares_reduced_float(const scalar_t* x, int64_t n) {
   static_assert(kLanes == 32, "four 8-float registers");
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
@@ -256,6 +289,33 @@ MB_TARGET_AVX2 float sum_squares_reduced(const scalar_t* x, int64_t n) {
   for (int k = 0; k < 4; ++k) _mm256_storeu_ps(lanes + 8 * k, acc[k]);
   for (int j = 0; i + j < n; ++j) {
     const float v = load<true, float>(x + i + j);
+    lanes[j] += v * v;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+template <typename scalar_t>
+MB_TARGET_AVX2 double sum_squares_reduced_double(const scalar_t* x, int64_t n) {
+  static_assert(kLanes == 32, "eight 4-double registers");
+  __m256d acc[8];
+  for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = load8(x + i + 8 * k);
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      acc[2 * k] = _mm256_fmadd_pd(lo, lo, acc[2 * k]);  // exact products: the same bits as multiply, then add
+      acc[2 * k + 1] = _mm256_fmadd_pd(hi, hi, acc[2 * k + 1]);
+    }
+  }
+  double lanes[kLanes];
+  for (int k = 0; k < 8; ++k) _mm256_storeu_pd(lanes + 4 * k, acc[k]);
+  for (int j = 0; i + j < n; ++j) {
+    const double v = static_cast<double>(load<true, float>(x + i + j));
     lanes[j] += v * v;
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -284,9 +344,11 @@ MB_TARGET_AVX2 void combine_reduced(
 }
 
 template <typename scalar_t, typename acc_t>
-MB_TARGET_AVX2 acc_t sum_squares_avx2(const scalar_t* x, int64_t n) {
+MB_TARGET_AVX2 double sum_squares_avx2(const scalar_t* x, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    return sum_squares_reduced(x, n);
+    const float s = sum_squares_reduced_float(x, n);  // as sum_squares: float, double where the float sum is refused
+    if (std::is_same_v<scalar_t, c10::Half> || float_sum_in_range(s, n)) return s;
+    return sum_squares_reduced_double(x, n);
   } else {
     return sum_squares<true, scalar_t, acc_t>(x, n);
   }
@@ -319,7 +381,7 @@ bool cpu_has_avx2() {
 // baseline's on another machine, within the same error bound).
 template <typename scalar_t, typename acc_t>
 struct HotLoops {
-  acc_t (*sum_squares)(const scalar_t*, int64_t);
+  double (*sum_squares)(const scalar_t*, int64_t);
   void (*combine)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, const acc_t*, scalar_t*);
 };
 
@@ -331,7 +393,7 @@ HotLoops<scalar_t, acc_t> hot_loops() {
   return {&sum_squares_baseline<scalar_t, acc_t>, &combine_baseline<scalar_t, acc_t>};
 }
 
-// EMA and weights of one tensor from its squared sums (summed in double across spans).
+// EMA and weights of one tensor from its squared sums (float64): the square root in double, rounded once to acc_t.
 template <typename acc_t>
 void ema_and_weights_from_sumsq(const double* sumsq, acc_t* ema, int64_t num_tasks, const Hyper<acc_t>& h, acc_t* w) {
   // w doubles as the norms' buffer: update_ema_and_weights reads every norm before it writes a weight.
@@ -404,7 +466,7 @@ void metabalance_cpu_typed(
   const Plan plan = make_plan(offsets, num_tensors);
   const int64_t num_bundles = static_cast<int64_t>(plan.bundles.size());
   const int64_t num_spans = static_cast<int64_t>(plan.spans.size());
-  std::vector<acc_t> partials(static_cast<size_t>(num_spans * num_tasks));
+  std::vector<double> partials(static_cast<size_t>(num_spans * num_tasks));
 
   // Pass 1: whole small tensors (norm, EMA, weights, combine back to back), and squared sums of large-tensor spans.
   at::parallel_for(0, num_bundles + num_spans, 1, [&](int64_t item_begin, int64_t item_end) {
@@ -424,7 +486,7 @@ void metabalance_cpu_typed(
         const int64_t begin = offsets[p];
         const int64_t end = offsets[p + 1];
         for (int64_t t = 0; t < num_tasks; ++t) {
-          sumsq[t] = static_cast<double>(loops.sum_squares(grads + t * numel + begin, end - begin));
+          sumsq[t] = loops.sum_squares(grads + t * numel + begin, end - begin);
         }
         ema_and_weights_from_sumsq<acc_t>(sumsq.data(), ema + p * num_tasks, num_tasks, hyper, w.data());
         loops.combine(grads, numel, num_tasks, begin, end, w.data(), out_ptr);
@@ -440,7 +502,7 @@ void metabalance_cpu_typed(
   for (int64_t large = 0; large < num_large; ++large) {
     for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] = 0.0;
     for (int64_t s = plan.first_span[large]; s < plan.first_span[large + 1]; ++s) {
-      for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] += static_cast<double>(partials[s * num_tasks + t]);
+      for (int64_t t = 0; t < num_tasks; ++t) sumsq[t] += partials[s * num_tasks + t];
     }
     const int64_t p = plan.large_tensors[large];
     ema_and_weights_from_sumsq<acc_t>(
