@@ -65,7 +65,8 @@ void metabalance_cuda(
 
   const c10::cuda::CUDAGuard guard(task_grads.device());
   const at::Tensor ema_old = at::empty_like(norm_ema);
-  const at::Tensor partials = at::empty({num_chunks, num_tasks}, norm_ema.options());
+  // Squared sums are double for every gradient dtype (metabalance.cu: thread_sum_squares).
+  const at::Tensor partials = at::empty({num_chunks, num_tasks}, norm_ema.options().dtype(at::kDouble));
   cuda::BalanceArgs args{};
   args.task_grads = task_grads.const_data_ptr();
   args.out = out.mutable_data_ptr();

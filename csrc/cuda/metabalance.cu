@@ -2,7 +2,8 @@
 //
 // The work table (mb_kernels.layout.FlatLayout.chunk_table) splits every tensor into chunks, at least one per tensor, and
 // both launches run one thread block per chunk:
-//   launch 1 (metabalance_norms_kernel): per (chunk, task) squared sum -> partials[chunk, task]; the first chunk of
+//   launch 1 (metabalance_norms_kernel): per (chunk, task) squared sum, in double (see thread_sum_squares)
+//            -> partials[chunk, task]; the first chunk of
 //            each tensor also copies the tensor's pre-step averages norm_ema[p, :] -> ema_old[p, :].
 //   launch 2 (metabalance_combine_kernel): every block of tensor p reduces p's partials in a fixed order, updates
 //            the EMA from ema_old and computes the weights (metabalance_math.h, shared with the CPU kernel), and
@@ -30,7 +31,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Per gradient dtype: the accumulation type (float32, float64 for float64) and the conversions.
+// Per gradient dtype: the accumulation type (float32, float64 for float64) and the conversions. Squared sums are
+// double for every dtype (thread_sum_squares).
 template <typename scalar_t>
 struct Elem;
 template <>
@@ -99,16 +101,23 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* scratch) {
   return v;
 }
 
-// This thread's share of sum(x[0..len)^2): an unaligned head (< kVec elements), 16-byte vectors, a tail.
+// Element -> double for the squared sums: the square of a finite float32/float16/bfloat16 value is exact in double
+// and within range, so a norm is right for any finite gradient whose norm fits in float32 (docs/design.md §1; a
+// float32 sum overflows above ~1.8e19 and drops elements below ~1e-19). float64 gradients: plain double squares.
+template <typename scalar_t>
+__device__ __forceinline__ double widen(scalar_t x) {
+  return static_cast<double>(Elem<scalar_t>::load(x));
+}
+
+// This thread's share of sum(x[0..len)^2) in double: an unaligned head (< kVec elements), 16-byte vectors, a tail.
 // The element -> thread assignment depends only on len and x's alignment, never on timing.
 template <typename scalar_t>
-__device__ __forceinline__ typename Elem<scalar_t>::acc_t thread_sum_squares(const scalar_t* x, int64_t len) {
-  using acc_t = typename Elem<scalar_t>::acc_t;
+__device__ __forceinline__ double thread_sum_squares(const scalar_t* x, int64_t len) {
   constexpr int V = kVec<scalar_t>;
-  acc_t sum = acc_t(0);
+  double sum = 0.0;
   const int64_t head = min(len, head_to_alignment(x));
   if (threadIdx.x < head) {
-    const acc_t a = Elem<scalar_t>::load(x[threadIdx.x]);
+    const double a = widen(x[threadIdx.x]);
     sum += a * a;
   }
   const int64_t num_vec = (len - head) / V;
@@ -118,12 +127,12 @@ __device__ __forceinline__ typename Elem<scalar_t>::acc_t thread_sum_squares(con
     load_vec(x + head + i * V, v);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t a = Elem<scalar_t>::load(v[j]);
+      const double a = widen(v[j]);
       sum += a * a;
     }
   }
   for (int64_t i = head + num_vec * V + threadIdx.x; i < len; i += kThreads) {
-    const acc_t a = Elem<scalar_t>::load(x[i]);
+    const double a = widen(x[i]);
     sum += a * a;
   }
   return sum;
@@ -189,9 +198,8 @@ __global__ void __launch_bounds__(kThreads) metabalance_norms_kernel(
     int64_t numel, int num_tasks,
     const typename Elem<scalar_t>::acc_t* __restrict__ norm_ema,  // [P, T] averages before this step
     typename Elem<scalar_t>::acc_t* __restrict__ ema_old,         // [P, T] copy of them for launch 2
-    typename Elem<scalar_t>::acc_t* __restrict__ partials) {      // [C, T] per-chunk squared sums
-  using acc_t = typename Elem<scalar_t>::acc_t;
-  __shared__ acc_t scratch[kWarps];
+    double* __restrict__ partials) {                              // [C, T] per-chunk squared sums
+  __shared__ double scratch[kWarps];
   const int64_t c = blockIdx.x;
   const int64_t* row = chunks + c * kChunkColumns;
   const int64_t p = row[kChunkTensor];
@@ -201,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) metabalance_norms_kernel(
     for (int t = threadIdx.x; t < num_tasks; t += kThreads) ema_old[p * num_tasks + t] = norm_ema[p * num_tasks + t];
   }
   for (int t = 0; t < num_tasks; ++t) {
-    const acc_t sum = block_sum(thread_sum_squares(grads + t * numel + begin, end - begin), scratch);
+    const double sum = block_sum(thread_sum_squares(grads + t * numel + begin, end - begin), scratch);
     if (threadIdx.x == 0) partials[c * num_tasks + t] = sum;
   }
 }
@@ -213,14 +221,15 @@ __global__ void __launch_bounds__(kThreads) metabalance_combine_kernel(
     const int64_t* __restrict__ chunks,                           // [C, kChunkColumns] work table
     int64_t numel, int num_tasks,
     const typename Elem<scalar_t>::acc_t* __restrict__ ema_old,   // [P, T] averages before this step
-    const typename Elem<scalar_t>::acc_t* __restrict__ partials,  // [C, T] per-chunk squared sums
+    const double* __restrict__ partials,                          // [C, T] per-chunk squared sums
     typename Elem<scalar_t>::acc_t* __restrict__ norm_ema,        // [P, T] updated averages (first chunk writes)
     scalar_t* __restrict__ out,                                   // [numel] combined gradient
     Hyper<typename Elem<scalar_t>::acc_t> hyper) {
   using acc_t = typename Elem<scalar_t>::acc_t;
-  __shared__ acc_t scratch[kWarps];
+  __shared__ double scratch[kWarps];
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  acc_t* w = reinterpret_cast<acc_t*>(dynamic_smem);  // [T]: squared norms, then averages, then weights
+  double* sumsq = reinterpret_cast<double*>(dynamic_smem);        // [T] squared norms
+  acc_t* w = reinterpret_cast<acc_t*>(dynamic_smem + num_tasks * sizeof(double));  // [T] averages, then weights
   const int64_t c = blockIdx.x;
   const int64_t* row = chunks + c * kChunkColumns;
   const int64_t p = row[kChunkTensor];
@@ -228,16 +237,16 @@ __global__ void __launch_bounds__(kThreads) metabalance_combine_kernel(
   const int64_t count = row[kChunkCount];
 
   for (int t = 0; t < num_tasks; ++t) {
-    acc_t part = acc_t(0);
+    double part = 0.0;
     for (int64_t k = threadIdx.x; k < count; k += kThreads) part += partials[(first + k) * num_tasks + t];
-    const acc_t sum = block_sum(part, scratch);
-    if (threadIdx.x == 0) w[t] = sum;
+    const double sum = block_sum(part, scratch);
+    if (threadIdx.x == 0) sumsq[t] = sum;
   }
   if (threadIdx.x == 0) {
-    // w holds the squared norms; after this block, the weights. The averages are written to norm_ema by the
-    // first chunk only (the others read ema_old, which nobody writes in this launch).
+    // The norm is the double square root rounded once to acc_t; w holds the averages, then the weights. The
+    // averages are written to norm_ema by the first chunk only (the others read ema_old, which nobody writes here).
     for (int t = 0; t < num_tasks; ++t) {
-      w[t] = ema_step(ema_old[p * num_tasks + t], sqrt(w[t]), hyper);
+      w[t] = ema_step(ema_old[p * num_tasks + t], static_cast<acc_t>(sqrt(sumsq[t])), hyper);
       if (c == first) norm_ema[p * num_tasks + t] = w[t];
     }
     const acc_t target = w[0];
@@ -257,14 +266,14 @@ cudaError_t launch_typed(const BalanceArgs& args, cudaStream_t stream) {
   const auto* grads = static_cast<const scalar_t*>(args.task_grads);
   metabalance_norms_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
       grads, args.chunks, args.numel, num_tasks, static_cast<const acc_t*>(args.norm_ema),
-      static_cast<acc_t*>(args.ema_old), static_cast<acc_t*>(args.partials));
+      static_cast<acc_t*>(args.ema_old), static_cast<double*>(args.partials));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const Hyper<acc_t> hyper = Hyper<acc_t>::make(args.relax_factor, args.beta, args.strategy);
-  const size_t smem = static_cast<size_t>(args.num_tasks) * sizeof(acc_t);
+  const size_t smem = static_cast<size_t>(args.num_tasks) * (sizeof(double) + sizeof(acc_t));
   metabalance_combine_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
       grads, args.chunks, args.numel, num_tasks, static_cast<const acc_t*>(args.ema_old),
-      static_cast<const acc_t*>(args.partials), static_cast<acc_t*>(args.norm_ema), static_cast<scalar_t*>(args.out),
+      static_cast<const double*>(args.partials), static_cast<acc_t*>(args.norm_ema), static_cast<scalar_t*>(args.out),
       hyper);
   return cudaGetLastError();
 }

@@ -15,7 +15,7 @@ enum class GradDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64
 // kernels read the same format).
 enum ChunkColumn : int { kChunkTensor = 0, kChunkBegin, kChunkEnd, kChunkFirst, kChunkCount, kChunkColumns };
 
-// Most tasks per call: the weights live in dynamic shared memory.
+// Most tasks per call: the squared norms and the weights live in dynamic shared memory (16 bytes per task).
 constexpr int64_t kMaxTasks = 1024;
 
 struct BalanceArgs {
@@ -24,7 +24,7 @@ struct BalanceArgs {
   const int64_t* chunks;   // [num_chunks, kChunkColumns] work table: one thread block per row, in both launches
   void* norm_ema;          // [num_tensors, num_tasks] moving averages, float (double for kFloat64) (updated)
   void* ema_old;           // [num_tensors, num_tasks] scratch like norm_ema: the averages before this step
-  void* partials;          // [num_chunks, num_tasks] scratch, float (double for kFloat64): per-chunk squared sums
+  void* partials;          // [num_chunks, num_tasks] scratch, double (every dtype): per-chunk squared sums
   int64_t num_tasks;
   int64_t numel;
   int64_t num_chunks;
