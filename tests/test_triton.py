@@ -189,7 +189,14 @@ def _ptx_access_widths() -> dict[str, list[str]]:
                 ),
             ):
                 types = [
-                    f"*{dtype}" if p in ("grads_ptr", "out_ptr") else "*i64" if "chunk" in p else "*fp32" for p in ptrs
+                    f"*{dtype}"
+                    if p in ("grads_ptr", "out_ptr")
+                    else "*i64"
+                    if "chunk" in p
+                    else "*fp64"  # float64 squared sums
+                    if p == "partials_ptr"
+                    else "*fp32"
+                    for p in ptrs
                 ] + scalars
                 names = list(fn.arg_names)
                 signature = dict(zip(names, types)) | {k: "constexpr" for k in constexprs}

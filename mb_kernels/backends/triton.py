@@ -123,7 +123,7 @@ class _LaunchPlan:
     block: int
     t_block: int
     size_align: int  # the largest power of two <= 16 dividing every tensor size (so every offset)
-    partials: torch.Tensor  # [C, T_BLOCK] scratch in the accumulation dtype
+    partials: torch.Tensor  # [C, T_BLOCK] float64 scratch: per-chunk squared sums (triton_kernels)
     ema_old: torch.Tensor  # [P, T] scratch
     compiled: dict = field(default_factory=dict)  # fast-path key -> Triton's compiled kernel (module docstring)
 
@@ -142,13 +142,12 @@ def _plan(layout: FlatLayout, task_grads: torch.Tensor, norm_ema: torch.Tensor) 
         block = _block_size(num_tasks, task_grads.element_size())
         table = chunk_table(layout, block, task_grads.device)
         t_block = _task_block(num_tasks)
-        acc = state_dtype(task_grads.dtype)
         plan = _LaunchPlan(
             chunk_table=table,
             block=block,
             t_block=t_block,
             size_align=math.gcd(math.gcd(*layout.sizes) if layout.sizes else 0, 16),
-            partials=torch.empty(table.shape[0], t_block, dtype=acc, device=task_grads.device),
+            partials=torch.empty(table.shape[0], t_block, dtype=torch.float64, device=task_grads.device),
             ema_old=torch.empty_like(norm_ema),
         )
         layout.cache[key] = plan
@@ -191,7 +190,7 @@ def _launch(
         task_grads = task_grads.new_zeros(1)
         out = out.new_zeros(1)
         compiled = None
-    acc = tl.float64 if partials.dtype == torch.float64 else tl.float32
+    acc = tl.float64 if norm_ema.dtype == torch.float64 else tl.float32
     soft_bf16 = _INTERPRETING and out.dtype == torch.bfloat16
     # What Triton's specialisation key depends on beyond the plan: the constexprs below and the 16-byte
     # alignment of the caller's tensors (the plan's own buffers never change).
@@ -260,7 +259,7 @@ def metabalance_triton(
     call here: a traced graph holds no plan."""
     _check_device(task_grads.device)
     partials = torch.empty(
-        chunk_table.shape[0], _task_block(task_grads.shape[0]), dtype=norm_ema.dtype, device=task_grads.device
+        chunk_table.shape[0], _task_block(task_grads.shape[0]), dtype=torch.float64, device=task_grads.device
     )
     ema_old = torch.empty_like(norm_ema)
     with torch.cuda.device(task_grads.device) if task_grads.device.type == "cuda" else contextlib.nullcontext():

@@ -7,11 +7,16 @@ first chunk of p, number of chunks of p; :meth:`mb_kernels.layout.FlatLayout.chu
 layout. Every tensor owns at least one chunk, even an empty one (start == stop).
 
 * Launch 1 (``metabalance_norms_kernel``, one program per chunk): ``partials[c, t] = Σ g_t²`` over the
-  chunk, into a ``[C, T]`` buffer (no atomics). Each tensor's first chunk also copies its EMA row into a
-  scratch ``ema_old``.
+  chunk, in float64, into a ``[C, T]`` buffer (no atomics). Each tensor's first chunk also copies its EMA row
+  into a scratch ``ema_old``.
 * Launch 2 (``metabalance_combine_kernel``, one program per chunk): sums its tensor's partial rows in a
-  fixed order, takes the square root, updates the EMA, evaluates the strategy and the weights in-kernel
-  (strategy is a compile-time constant; no host sync on tensor values), and writes G for its chunk.
+  fixed order (float64), takes the square root (float64, rounded once to the state dtype), updates the EMA,
+  evaluates the strategy and the weights in-kernel (strategy is a compile-time constant; no host sync on
+  tensor values), and writes G for its chunk.
+
+Squares are summed in float64 for every gradient dtype: the square of a finite float32/float16/bfloat16 value is
+exact in float64 and within its range, so every finite gradient whose norm fits in float32 gets its norm (a float32
+sum overflows above a norm of ~1.8e19 and drops elements below ~1e-19; docs/design.md §1).
 
 Why it is race-free and deterministic.
   1. Launch 2 needs the pre-step EMA in every program of a tensor but only one program may write the new
@@ -76,7 +81,7 @@ def metabalance_norms_kernel(
     grads_ptr,  # [T, N] task gradients, row-major (read)
     ema_ptr,  # [P, T] moving averages before this step (read: each tensor's first chunk copies its row)
     ema_old_ptr,  # [P, T] scratch: launch 2 reads the pre-step averages from here (written here, once per row)
-    partials_ptr,  # [C, T_BLOCK] per-chunk, per-task sums of squares (written: row c by program c only)
+    partials_ptr,  # [C, T_BLOCK] float64 per-chunk, per-task sums of squares (written: row c by program c only)
     chunk_ptr,  # [C, 5] int64 chunk table: tensor, start column, stop column, first chunk, chunk count
     row_units,  # N // VEC: row t starts at t * row_units * VEC (a product the compiler knows is VEC-aligned)
     num_tasks,  # T
@@ -84,9 +89,9 @@ def metabalance_norms_kernel(
     T_BLOCK: tl.constexpr,  # T rounded up to a power of two (rows >= T are masked)
     VEC: tl.constexpr,  # elements per 16 bytes on the aligned path, 1 otherwise
     ALIGNED: tl.constexpr,
-    ACC: tl.constexpr,  # accumulation dtype: float32, or float64 for float64 gradients
+    ACC: tl.constexpr,  # state dtype: float32, or float64 for float64 gradients (squares: float64 always)
 ):
-    """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (the norms ||g_t||, squared)."""
+    """Launch 1: partials[c, t] = sum over chunk c's columns of g_t^2 (the norms ||g_t||, squared), in float64."""
     c = tl.program_id(0)
     p, start, stop, first, _ = _chunk_row(chunk_ptr, c, VEC, ALIGNED)
     tasks = tl.arange(0, T_BLOCK)
@@ -98,13 +103,13 @@ def metabalance_norms_kernel(
     tl.store(ema_old_ptr + p * num_tasks + tasks, old, mask=row_mask)
 
     rows = tasks.to(tl.int64) * row_units * VEC
-    acc = tl.full([T_BLOCK, BLOCK], 0.0, ACC)
+    acc = tl.full([T_BLOCK, BLOCK], 0.0, tl.float64)
     for i in range(0, (stop - start + BLOCK - 1) // BLOCK):
         cols = start + i * BLOCK + tl.arange(0, BLOCK)
         if ALIGNED:
             cols = tl.max_contiguous(tl.multiple_of(cols, VEC), BLOCK)
         mask = task_mask[:, None] & (cols < stop)[None, :]
-        g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+        g = tl.load(grads_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float64)
         acc += g * g
     # Rows t >= T sum masked zeros: the whole padded row is stored, so launch 2 reads no garbage.
     tl.store(partials_ptr + c * T_BLOCK + tl.arange(0, T_BLOCK), tl.reduce(acc, 1, _SUM))
@@ -116,7 +121,7 @@ def metabalance_combine_kernel(
     out_ptr,  # [N] combined gradient G in the gradient dtype (written: chunk c's columns by program c only)
     ema_ptr,  # [P, T] moving averages (written only: row p by the first chunk of tensor p)
     ema_old_ptr,  # [P, T] pre-step moving averages from launch 1 (read only)
-    partials_ptr,  # [C, T_BLOCK] per-chunk sums of squares from launch 1 (read only)
+    partials_ptr,  # [C, T_BLOCK] float64 per-chunk sums of squares from launch 1 (read only)
     chunk_ptr,  # [C, 5] int64 chunk table: tensor, start column, stop column, first chunk, chunk count
     row_units,  # N // VEC
     num_tasks,  # T
@@ -141,16 +146,13 @@ def metabalance_combine_kernel(
     task_mask = tasks < num_tasks
 
     # 1. n[p, t]: every program of tensor p sums the same partial rows in the same order, so all of them
-    #    (and every run) get bitwise the same norms and weights.
-    sq = tl.full([R_BLOCK, T_BLOCK], 0.0, ACC)
+    #    (and every run) get bitwise the same norms and weights. Sum and square root in float64 (tl.sqrt on
+    #    float64 is the IEEE sqrt.rn.f64: PTX has no approximate one), rounded once into the state dtype.
+    sq = tl.full([R_BLOCK, T_BLOCK], 0.0, tl.float64)
     for j0 in range(first, last, R_BLOCK):
         js = j0 + tl.arange(0, R_BLOCK)
         sq += tl.load(partials_ptr + js[:, None] * T_BLOCK + tasks[None, :], mask=(js < last)[:, None], other=0.0)
-    sum_sq = tl.reduce(sq, 0, _SUM)
-    if ACC == tl.float32:
-        norms = tl.sqrt_rn(sum_sq)
-    else:
-        norms = tl.sqrt(sum_sq)
+    norms = tl.sqrt(tl.reduce(sq, 0, _SUM)).to(ACC)
 
     # 2. m <- beta m + (1 - beta) n, only where n is finite (n >= 0, so `n < inf` is false exactly for Inf/NaN).
     old = tl.load(ema_old_ptr + p * num_tasks + tasks, mask=task_mask, other=0.0).to(ACC)
