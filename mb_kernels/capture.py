@@ -81,12 +81,23 @@ def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]
             bucket_reached[i] = bucket_reached[i] or hit[i]
 
 
-def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into (their AccumulateGrad
-    nodes), each once, found by walking the autograd graph (no tensor values read)."""
+def _edge(tensor: torch.Tensor) -> tuple:
+    return (tensor.grad_fn, tensor.output_nr)
+
+
+def _walk(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], list[bool]]:
+    """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``: the leaf
+    tensors found (AccumulateGrad nodes; each once), and which of ``cut_at`` were reached. Reads no values."""
+    cut = {_edge(h): i for i, h in enumerate(cut_at)}
+    reached_cut = [False] * len(cut_at)
     seen: set = set()
     leaves: dict[int, torch.Tensor] = {}
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    stack = []
+    for root in roots:
+        if _edge(root) in cut:
+            reached_cut[cut[_edge(root)]] = True
+        elif root.grad_fn is not None:
+            stack.append(root.grad_fn)
     while stack:
         node = stack.pop()
         if node in seen:
@@ -96,8 +107,19 @@ def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if variable is not None:
             leaves.setdefault(id(variable), variable)
             continue
-        stack.extend(child for child, _ in node.next_functions if child is not None)
-    return list(leaves.values())
+        for child, output_nr in node.next_functions:
+            if child is None:
+                continue
+            if (child, output_nr) in cut:
+                reached_cut[cut[(child, output_nr)]] = True
+            else:
+                stack.append(child)
+    return list(leaves.values()), reached_cut
+
+
+def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into, each once."""
+    return _walk(losses)[0]
 
 
 def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -193,48 +215,6 @@ def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]
 
 
 # ---- capture through a shared representation -------------------------------------------------------------------
-def _edge(tensor: torch.Tensor) -> tuple:
-    return (tensor.grad_fn, tensor.output_nr)
-
-
-def _split_graph(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]):
-    """Walk the graph from the losses without crossing the edges into ``shared``: returns the leaves found above
-    the cut (towers), whether each shared output is reached, and the balanced parameters reached above the cut
-    (paths that avoid ``shared``: an error for the caller)."""
-    cut = {_edge(h): i for i, h in enumerate(shared)}
-    reached_shared = [False] * len(shared)
-    towers: dict[int, torch.Tensor] = {}
-    leaking: list[torch.Tensor] = []
-    seen: set = set()
-    stack = []
-    for loss in losses:
-        edge = _edge(loss)
-        if edge in cut:
-            reached_shared[cut[edge]] = True
-        elif loss.grad_fn is not None:
-            stack.append(loss.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) in balanced_ids:
-                leaking.append(variable)
-            else:
-                towers.setdefault(id(variable), variable)
-            continue
-        for child, output_nr in node.next_functions:
-            if child is None:
-                continue
-            if (child, output_nr) in cut:
-                reached_shared[cut[(child, output_nr)]] = True
-            else:
-                stack.append(child)
-    return list(towers.values()), reached_shared, leaking
-
-
 def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
     """Embedding lookups of balanced tables below ``shared`` whose table the bottom reaches through lookups only:
     ``{id(table): [EmbeddingBackward node, ...]}``. The batched backward then stops at each lookup's output (a
@@ -289,7 +269,9 @@ def capture_task_grads_through(
                 f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
                 "(the shared bottom's output), with its graph (not detached, not a leaf)"
             )
-    towers, reached_shared, leaking = _split_graph(losses, shared, balanced_ids)
+    above, reached_shared = _walk(losses, shared)
+    towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
+    leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
     if leaking:
         shapes = ", ".join(str(tuple(p.shape)) for p in leaking[:5])
         raise ValueError(
