@@ -77,12 +77,13 @@ class StridedModel(nn.Module):
         return [tower(h).pow(2).mean() * scale for tower, scale in zip(self.towers, (1.0, 3.0, 0.3))]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("fused", [False, None])
-def test_balanced_gradients_have_autograd_strides_and_fused_adam_matches(fused):
+def test_balanced_gradients_have_autograd_strides_and_fused_adam_matches(fused, device):
     torch.manual_seed(1)
-    model = StridedModel()
+    model = StridedModel().to(device)
     twin = copy.deepcopy(model)
-    x = torch.randn(4, 3, 6, 6)
+    x = torch.randn(4, 3, 6, 6, device=device)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.0, fused=fused)  # r = 0: the plain sum
     opt = torch.optim.Adam(model.parameters(), lr=0.05, fused=True)
     opt_twin = torch.optim.Adam(twin.parameters(), lr=0.05, fused=True)

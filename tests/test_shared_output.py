@@ -115,12 +115,16 @@ def _batch(seed):
     return items, labels
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases])
 @pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("B", 0.5, 0.9), ("C", 0.7, 0.9)])
 @pytest.mark.parametrize("fused", [False, None])
-def test_shared_output_equals_plain_step(model_cls, strategy, relax, beta, fused):
+def test_shared_output_equals_plain_step(device, model_cls, strategy, relax, beta, fused):
     torch.manual_seed(0)
-    plain_model = model_cls().double()
+    plain_model = model_cls().double().to(device)
     fast_model = copy.deepcopy(plain_model)
     kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=fused)
     plain_mb = MetaBalance(plain_model.shared_parameters(), **kwargs)
@@ -128,7 +132,7 @@ def test_shared_output_equals_plain_step(model_cls, strategy, relax, beta, fused
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.5)
     fast_opt = torch.optim.SGD(fast_model.parameters(), lr=0.5)
     for step in range(3):
-        items, labels = _batch(step)
+        items, labels = (x.to(device) for x in _batch(step))
         plain_opt.zero_grad(set_to_none=True)
         fast_opt.zero_grad(set_to_none=True)
         plain_mb.step(plain_model.losses(items, labels)[0])
