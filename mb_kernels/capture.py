@@ -55,6 +55,57 @@ class Bucket:
         return [seg.view(p.shape) for seg, p in zip(out.split(self.layout.sizes), self.params)]
 
 
+class SparseTable:
+    """A balanced embedding table whose gradients come sparse (``nn.Embedding``/``nn.EmbeddingBag`` with
+    ``sparse=True``): each task's gradient is kept as a coalesced sparse tensor (duplicate rows summed) instead of a
+    dense ``[V, d]`` workspace row, so a step costs O(T·B·d) plus a sort of the ids, never O(T·V·d)."""
+
+    def __init__(self, param: torch.Tensor, num_tasks: int, norm_ema_row: torch.Tensor | None):
+        self.param = param
+        self.num_tasks = num_tasks
+        self.norm_ema = torch.zeros(num_tasks, dtype=state_dtype(param.dtype), device=param.device)
+        if norm_ema_row is not None:
+            self.norm_ema.copy_(norm_ema_row)
+        self.task_grads: list[torch.Tensor | None] = [None] * num_tasks
+
+
+def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int]) -> set[int]:
+    """Ids of the ``candidates`` (leaf tensors) that a backward from ``losses`` gives sparse gradients: the tables
+    of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True`` (found by a walk of the graph)."""
+    found: set[int] = set()
+    seen: set = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        sparse = getattr(node, "_saved_sparse", False) is True
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                if sparse and id(variable) in candidates:
+                    found.add(id(variable))
+            else:
+                stack.append(child)
+    return found
+
+
+def _collect_tables(tables: Sequence[SparseTable], task: int) -> None:
+    """Keep this pass's sparse gradients of the tables, coalesced; reset ``.grad``."""
+    for table in tables:
+        g = table.param.grad
+        if g is not None and g.layout == torch.strided:
+            raise TypeError(
+                f"MetaBalance: the table of shape {tuple(table.param.shape)} received a dense gradient after sparse "
+                "ones; a table must get sparse gradients only (sparse=True in every lookup, no other use)"
+            )
+        table.task_grads[task] = None if g is None else g.coalesce()
+        table.param.grad = None
+
+
 def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]]) -> None:
     """Move this pass's gradients of the balanced params into workspace row ``task``; reset ``.grad``."""
     for bucket, bucket_reached in zip(buckets, reached):
@@ -64,9 +115,8 @@ def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]
         for g, p in zip(grads, bucket.params):
             if g is not None and g.layout != torch.strided:
                 raise TypeError(
-                    f"MetaBalance: a balanced parameter of shape {tuple(p.shape)} received a {g.layout} "
-                    "gradient; sparse gradients are not supported yet. Use dense gradients (for "
-                    "nn.Embedding: sparse=False) or leave that parameter out of MetaBalance."
+                    f"MetaBalance: a balanced parameter of shape {tuple(p.shape)} received a {g.layout} gradient "
+                    "where its first step had a dense one; keep each table sparse or dense for the whole training"
                 )
         if all(hit):
             torch._foreach_copy_(rows, grads)
@@ -138,8 +188,10 @@ class Capture:
     """The per-task gradients of one step, captured into the buckets' workspaces, and the ``.grad`` from before
     the step of every leaf the losses reach (set aside while the passes run)."""
 
-    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor]):
+    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor], tables: Sequence[SparseTable] = ()):
         self.buckets = list(buckets)
+        self.tables = list(tables)
+        self.tables_saved = [table.param.grad for table in self.tables]
         self.saved = [[p.grad for p in bucket.params] for bucket in self.buckets]
         # Per bucket, which params any task reached (the others keep their .grad untouched, None included).
         self.reached = [[False] * len(bucket.params) for bucket in self.buckets]
@@ -153,8 +205,10 @@ class Capture:
                 p.grad = g
         for p, g in zip(self.others, self.others_saved):
             p.grad = g
+        for table, g in zip(self.tables, self.tables_saved):
+            table.param.grad = g
 
-    def commit(self, combined: Sequence[torch.Tensor]) -> None:
+    def commit(self, combined: Sequence[torch.Tensor], table_grads: Sequence[torch.Tensor | None] = ()) -> None:
         """Accumulate each bucket's balanced gradient (flat ``[N]``) and the towers' sums onto the set-aside
         ``.grad``; a parameter no task reached keeps its ``.grad`` (None stays None)."""
         accumulate_into, accumulate_from = [], []
@@ -180,19 +234,25 @@ class Capture:
             torch._foreach_add_(accumulate_into, accumulate_from)
         for p, g in fresh:
             p.grad = g
+        for table, had, g in zip(self.tables, self.tables_saved, table_grads):
+            table.param.grad = had if g is None else (g if had is None else had + g)
 
 
-def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]) -> Capture:
+def capture_task_grads(
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[SparseTable] = ()
+) -> Capture:
     """Run one backward per task, filling every bucket's workspace (see the module docstring).
 
     On return the balanced params' ``.grad`` are None and the towers' hold this step's sums, until
     :meth:`Capture.commit` or :meth:`Capture.abort`; on error every ``.grad`` is restored before the exception
     propagates.
     """
-    balanced = {id(p) for bucket in buckets for p in bucket.params}
-    capture = Capture(buckets, [leaf for leaf in reached_leaves(losses) if id(leaf) not in balanced])
+    balanced = {id(p) for bucket in buckets for p in bucket.params} | {id(table.param) for table in tables}
+    capture = Capture(buckets, [leaf for leaf in reached_leaves(losses) if id(leaf) not in balanced], tables)
     for p in capture.others:
         p.grad = None
+    for table in tables:
+        table.param.grad = None
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None
@@ -208,6 +268,7 @@ def capture_task_grads(losses: Sequence[torch.Tensor], buckets: Sequence[Bucket]
                 seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
                 torch.autograd.backward(list(losses), grad_tensors=seeds)
             _collect_pass(buckets, task, capture.reached)
+            _collect_tables(tables, task)
     except BaseException:
         capture.abort()
         raise

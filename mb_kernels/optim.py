@@ -12,7 +12,8 @@ import torch
 
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
-from .capture import Bucket, capture_task_grads, capture_task_grads_through
+from .backends.sparse import balance_sparse
+from .capture import Bucket, SparseTable, capture_task_grads, capture_task_grads_through, sparse_gradient_params
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
 
@@ -78,6 +79,8 @@ class MetaBalance(torch.optim.Optimizer):
         self._backend_request = backend
         self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
+        self._tables: list[tuple[dict, SparseTable]] = []
+        self._built_for: int | None = None  # the task count the buckets were built for
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
         super().__init__(params, defaults)
         self._ddp: DistributedSync | None = None
@@ -149,6 +152,8 @@ class MetaBalance(torch.optim.Optimizer):
         self._skip_nonfinite_steps = options.get("skip_nonfinite_steps", False)
         self._ddp = None
         self._buckets = None  # rebuilt at the next step from the moving averages in self.state
+        self._tables = []
+        self._built_for = None
         device_types = {p.device.type for group in self.param_groups for p in group["params"]}
         self._backends = resolve_backends(device_types, self._fused, self._backend_request)
 
@@ -203,23 +208,33 @@ class MetaBalance(torch.optim.Optimizer):
         return list(losses)
 
     # ---- state ---------------------------------------------------------------------------------------
-    def _build_buckets(self, num_tasks: int) -> list[tuple[dict, Bucket]]:
-        buckets = []
+    def _build_buckets(
+        self, num_tasks: int, sparse_ids: set[int]
+    ) -> tuple[list[tuple[dict, Bucket]], list[tuple[dict, SparseTable]]]:
+        """Dense buckets per (group, device, dtype), and one sparse table per parameter in ``sparse_ids``."""
+        buckets, tables = [], []
         for group in self.param_groups:
             by_key: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                by_key.setdefault((p.device, p.dtype), []).append(p)
+                row = self.state[p].get(_STATE_KEY) if p in self.state else None
+                if id(p) in sparse_ids:
+                    tables.append((group, SparseTable(p, num_tasks, row)))
+                else:
+                    by_key.setdefault((p.device, p.dtype), []).append(p)
             for params in by_key.values():
                 rows = [self.state[p].get(_STATE_KEY) if p in self.state else None for p in params]
                 buckets.append((group, Bucket(params, num_tasks, rows)))
-        return buckets
+        return buckets, tables
 
-    def _store_state(self, buckets: list[tuple[dict, Bucket]]) -> None:
-        """Point each parameter's optimizer state at its row of its bucket's moving averages."""
+    def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, SparseTable]]) -> None:
+        """Point each parameter's optimizer state at its row of the moving averages."""
         for _, bucket in buckets:
             for p, view in zip(bucket.params, bucket.norm_ema_views()):
                 self.state[p][_STATE_KEY] = view
                 self.state[p][_SHAPE_KEY] = tuple(p.shape)
+        for _, table in tables:
+            self.state[table.param][_STATE_KEY] = table.norm_ema
+            self.state[table.param][_SHAPE_KEY] = tuple(table.param.shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`.
@@ -311,17 +326,28 @@ class MetaBalance(torch.optim.Optimizer):
             _check_hyperparameters(group)
         losses = self._check_losses(losses)
         num_tasks = len(losses)
-        buckets_with_groups = self._buckets
-        fresh = buckets_with_groups is None or buckets_with_groups[0][1].num_tasks != num_tasks
+        buckets_with_groups, tables_with_groups = self._buckets, self._tables
+        fresh = buckets_with_groups is None or self._built_for != num_tasks
         if fresh:
-            buckets_with_groups = self._build_buckets(num_tasks)
+            balanced = {id(p) for group in self.param_groups for p in group["params"]}
+            sparse_ids = sparse_gradient_params(losses, balanced)
+            if sparse_ids and self._ddp is not None:
+                raise ValueError("MetaBalance: sparse embedding tables are not supported under DDP yet")
+            buckets_with_groups, tables_with_groups = self._build_buckets(num_tasks, sparse_ids)
         buckets = [bucket for _, bucket in buckets_with_groups]
-        previous_ema = [b.norm_ema.clone() for b in buckets]
+        tables = [table for _, table in tables_with_groups]
+        previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]
         if shared_output is None:
-            capture = capture_task_grads(losses, buckets)
+            capture = capture_task_grads(losses, buckets, tables)
         else:
+            if tables:
+                raise ValueError(
+                    "MetaBalance.step: shared_output does not support sparse embedding tables yet; call "
+                    "step(losses) without shared_output"
+                )
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
             capture = capture_task_grads_through(losses, buckets, shared)
+        table_grads: list[torch.Tensor | None] = []
         try:
             with torch.no_grad():
                 if self._ddp is not None:
@@ -336,17 +362,26 @@ class MetaBalance(torch.optim.Optimizer):
                         bucket.task_grads, bucket.norm_ema, combined, bucket.layout, hyper
                     )
                     outputs.append(combined)
+                for group, table in tables_with_groups:
+                    beta = group["beta"] if update_averages else 1.0
+                    hyper = Hyperparameters(group["relax_factor"], beta, group["strategy"])
+                    table_grads.append(balance_sparse(table.task_grads, table.norm_ema, hyper))
                 if self._skip_nonfinite_steps:
-                    _revert_ema_if_nonfinite(buckets, outputs, previous_ema)
+                    emas = [b.norm_ema for b in buckets] + [table.norm_ema for table in tables]
+                    results = outputs + [g._values() for g in table_grads if g is not None]
+                    _revert_ema_if_nonfinite(emas, results, previous_ema)
         except BaseException:
-            for bucket, old in zip(buckets, previous_ema):
-                bucket.norm_ema.copy_(old)
+            for ema, old in zip([b.norm_ema for b in buckets] + [t.norm_ema for t in tables], previous_ema):
+                ema.copy_(old)
             capture.abort()
             raise
-        capture.commit(outputs)
+        finally:
+            for table in tables:
+                table.task_grads = [None] * table.num_tasks  # drop this step's gradients
+        capture.commit(outputs, table_grads)
         if fresh:
-            self._buckets = buckets_with_groups
-            self._store_state(buckets_with_groups)
+            self._buckets, self._tables, self._built_for = buckets_with_groups, tables_with_groups, num_tasks
+            self._store_state(buckets_with_groups, tables_with_groups)
             self._warn_if_target_never_reaches(buckets_with_groups)
 
     def _warn_if_target_never_reaches(self, buckets_with_groups: list[tuple[dict, Bucket]]) -> None:
@@ -386,16 +421,23 @@ class MetaBalance(torch.optim.Optimizer):
             weights = balance_weights(bucket.norm_ema, group["relax_factor"], group["strategy"])
             for i, p in enumerate(bucket.params):
                 rows.append({"param": p, "norm_ema": bucket.norm_ema[i].clone(), "weights": weights[i].clone()})
+        for group, table in self._tables:
+            weights = balance_weights(table.norm_ema[None, :], group["relax_factor"], group["strategy"])[0]
+            rows.append({"param": table.param, "norm_ema": table.norm_ema.clone(), "weights": weights})
         return rows
 
 
-def _revert_ema_if_nonfinite(buckets: list[Bucket], outputs: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
+def _revert_ema_if_nonfinite(
+    emas: list[torch.Tensor], outputs: list[torch.Tensor], previous: list[torch.Tensor]
+) -> None:
     """Restore every moving average when any combined gradient is non-finite (no host synchronisation)."""
+    if not emas or not outputs:
+        return
     # Elementwise, not a sum: a sum of large finite gradients can overflow.
-    device = buckets[0].device
+    device = emas[0].device
     all_finite = torch.stack([torch.isfinite(out).all().to(device) for out in outputs]).all()
-    for bucket, old in zip(buckets, previous):
-        bucket.norm_ema.copy_(torch.where(all_finite.to(bucket.device), bucket.norm_ema, old))
+    for ema, old in zip(emas, previous):
+        ema.copy_(torch.where(all_finite.to(ema.device), ema, old))
 
 
 def _as_number(value: Any) -> float | None:

@@ -223,17 +223,19 @@ def test_param_without_requires_grad_raises():
         MetaBalance([frozen])
 
 
-def test_sparse_gradient_raises_clearly_and_restores_grads():
-    embedding = nn.Embedding(10, 4, sparse=True)
+def test_table_switching_from_dense_to_sparse_gradients_raises_clearly_and_restores_grads():
+    embedding = nn.Embedding(10, 4)
     towers = [nn.Linear(4, 1) for _ in range(2)]
     mb = MetaBalance(embedding.parameters(), fused=False)
+    mb.step([tower(embedding(torch.tensor([1, 2, 3]))).sum() for tower in towers])
+    ema = mb.state[embedding.weight]["norm_ema"].clone()
+    embedding.zero_grad(set_to_none=True)
+    embedding.sparse = True
     hidden = embedding(torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+    with pytest.raises(TypeError, match="where its first step had a dense one"):
         mb.step([tower(hidden).sum() for tower in towers])
     assert embedding.weight.grad is None
-    assert mb.num_tasks is None or all(
-        torch.equal(mb.state[p]["norm_ema"], torch.zeros_like(mb.state[p]["norm_ema"])) for p in embedding.parameters()
-    )
+    assert torch.equal(mb.state[embedding.weight]["norm_ema"], ema)
 
 
 def test_fused_true_without_fused_kernel_raises(monkeypatch):

@@ -1,0 +1,129 @@
+"""Balanced embedding tables with sparse gradients (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``):
+the same balancing as the dense-gradient twin (float64), a sparse balanced gradient over the union of touched rows,
+accepted by SparseAdam, Adagrad and SGD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mb_kernels import MetaBalance
+
+T = 3
+
+
+class SparseRecommender(nn.Module):
+    """Two tables (an Embedding with padding_idx, an EmbeddingBag with per-sample weights), a shared MLP (dense), one
+    tower per task; task 2 also looks up rows of its own (rows touched by one task only)."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.items = nn.Embedding(60, 6, padding_idx=0, sparse=sparse)
+        self.history = nn.EmbeddingBag(50, 6, mode="sum", sparse=sparse)
+        self.mlp = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.items.weight, self.history.weight, *self.mlp.parameters()]
+
+    def tables(self):
+        return [self.items.weight, self.history.weight]
+
+    def losses(self, batch):
+        items, bags, offsets, weights, extra, labels = batch
+        x = self.items(items) + self.history(bags, offsets, per_sample_weights=weights)
+        h = torch.tanh(self.mlp(x))
+        out = []
+        for t, tower in enumerate(self.towers):
+            logits = tower(h).squeeze(-1)
+            if t == 2:  # rows only task 2 touches (possibly none: an empty lookup)
+                logits = logits + self.items(extra).sum() * 0.1
+            out.append(F.binary_cross_entropy_with_logits(logits, labels[:, t]))
+        return out
+
+
+def _batch(seed: int, empty_extra: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, 30, (16,), generator=gen)
+    items[:4] = torch.tensor([0, 5, 5, 5])  # the padding row and duplicates
+    bags = torch.randint(0, 50, (40,), generator=gen)
+    offsets = torch.sort(torch.randint(0, 40, (16,), generator=gen)).values
+    offsets[0] = 0
+    weights = torch.rand(40, generator=gen, dtype=torch.float64)
+    extra = torch.empty(0, dtype=torch.int64) if empty_extra else torch.randint(30, 60, (5,), generator=gen)
+    labels = (torch.rand(16, T, generator=gen) < 0.4).double()
+    return items, bags, offsets, weights, extra, labels
+
+
+def _twins():
+    torch.manual_seed(0)
+    sparse = SparseRecommender(sparse=True).double()
+    dense = SparseRecommender(sparse=False).double()
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("B", 0.5, 0.9), ("C", 0.7, 0.9)])
+@pytest.mark.parametrize("fused", [False, None])
+def test_sparse_tables_balance_like_their_dense_twins(strategy, relax, beta, fused, device):
+    sparse_model, dense_model = (m.to(device) for m in _twins())
+    kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=fused)
+    mb_sparse = MetaBalance(sparse_model.shared_parameters(), **kwargs)
+    mb_dense = MetaBalance(dense_model.shared_parameters(), **kwargs)
+    opt_sparse = torch.optim.SGD(sparse_model.parameters(), lr=0.3)
+    opt_dense = torch.optim.SGD(dense_model.parameters(), lr=0.3)
+    for step in range(4):
+        batch = tuple(x.to(device) for x in _batch(step, empty_extra=step == 2))
+        for model, mb, opt in ((sparse_model, mb_sparse, opt_sparse), (dense_model, mb_dense, opt_dense)):
+            opt.zero_grad(set_to_none=True)
+            mb.step(model.losses(batch))
+        for p, q in zip(sparse_model.parameters(), dense_model.parameters()):
+            got = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            torch.testing.assert_close(got, q.grad, rtol=1e-10, atol=1e-13)
+        for p in sparse_model.tables():
+            assert p.grad.is_sparse and p.grad.is_coalesced()
+            touched = p.grad._indices()[0]
+            assert touched.numel() == touched.unique().numel() <= 16 + 40 + 5  # union of rows, never [V, d]
+        for p, q in zip(sparse_model.shared_parameters(), dense_model.shared_parameters()):
+            torch.testing.assert_close(
+                mb_sparse.state[p]["norm_ema"], mb_dense.state[q]["norm_ema"], rtol=1e-10, atol=0
+            )
+        opt_sparse.step()
+        opt_dense.step()
+
+
+@pytest.mark.parametrize("make_optimizer", ["SparseAdam", "Adagrad", "SGD"])
+def test_optimizers_accept_the_balanced_sparse_gradient(make_optimizer):
+    model, _ = _twins()
+    mb = MetaBalance(model.shared_parameters(), fused=False)
+    tables = model.tables()
+    dense = [p for p in model.parameters() if all(p is not t for t in tables)]
+    table_opt = getattr(torch.optim, make_optimizer)(tables, lr=0.1)
+    dense_opt = torch.optim.Adam(dense, lr=0.01)
+    before = [p.detach().clone() for p in tables]
+    for step in range(3):
+        table_opt.zero_grad(set_to_none=True)
+        dense_opt.zero_grad(set_to_none=True)
+        mb.step(model.losses(_batch(step)))
+        table_opt.step()
+        dense_opt.step()
+    for p, old in zip(tables, before):
+        assert not torch.equal(p.detach(), old)
+
+
+def test_accumulates_onto_an_existing_sparse_gradient_and_round_trips_state():
+    model, _ = _twins()
+    mb = MetaBalance(model.shared_parameters(), fused=False)
+    mb.step(model.losses(_batch(0)))
+    first = model.items.weight.grad.to_dense().clone()
+    mb2 = MetaBalance(model.shared_parameters(), fused=False)
+    mb2.load_state_dict(mb.state_dict())
+    mb.step(model.losses(_batch(1)))  # adds onto the existing sparse grad
+    assert model.items.weight.grad.is_sparse
+    assert not torch.equal(model.items.weight.grad.to_dense(), first)
+    assert mb2.num_tasks == T
+    rows = {d["param"].shape: d["weights"] for d in mb.diagnostics()}
+    assert (60, 6) in rows and rows[(60, 6)].shape == (T,)
