@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The single script to run on a GPU machine (H100/H200; torch + CUDA + triton in the system python3, no
-# network). Stages, each under its own timeout inside an overall budget (default 420 s, 7 minutes):
+# network). Stages, each under its own timeout inside an overall budget (default 470 s, under 8 minutes):
 #   1. build the extension in place (CUDA op for this GPU's architecture)      -> build.log
 #   2. the GPU test tier (python3 -m pytest -m gpu tests -q [-n 12])           -> tests.log
 #   3. launches per balancing call, per fused backend (torch.profiler)        -> launches.json
 #   4. host enqueue vs device time per balancing call (bench/host_overhead.py) -> host_overhead.json
-#   5. kernel-level benchmarks on CUDA, then end-to-end training steps        -> kernels.json, e2e.json
+#   5. kernel-level benchmarks on CUDA, then end-to-end training steps (paper network; 1M-row tables, dense and
+#      sparse, plain and shared_output)                                      -> kernels.json, e2e.json
 #   6. the summary table (bench/summarize.py), printed last                   -> summary.txt
 # Logs of stages 3-5 go to bench.log. Eight files in all (the device tool brings back at most eight).
 #
@@ -13,7 +14,7 @@
 #   bash bench/gpu_check.sh --dry-run DIR     print the stages and their limits, run nothing
 #   bash bench/gpu_check.sh --cpu DIR         exercise the script without a GPU: quick mode on CPU,
 #                                             no build, a small slice of the tests (GPU_CHECK_TEST_ARGS)
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (420), GPU_CHECK_TEST_ARGS (pytest arguments of
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (470), GPU_CHECK_TEST_ARGS (pytest arguments of
 # stage 2), BENCH_BUDGET_S (seconds of timed calls per benchmark, default 0.3 on CUDA), BENCH_DTYPES,
 # RECHUB_WHEEL (a torch-rechub wheel to install with --no-deps --no-index, since the machine has no network).
 set -uo pipefail # not -e: a failing stage is recorded and the next one still runs
@@ -37,7 +38,7 @@ results=${results:-${OUT:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
 py=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET_S:-420}
+budget=${GPU_CHECK_BUDGET_S:-470}
 reserve=15 # seconds kept for the summary
 start=$(date +%s)
 status="$results/summary.txt"
@@ -144,7 +145,7 @@ fi
 bench_args=(-q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name ${timeout_args[@]+"${timeout_args[@]}"})
 stage kernels 150 "$results/bench.log" "$py" -m pytest bench/test_bench_kernels.py "${bench_args[@]}" \
   --benchmark-json="$results/kernels.json"
-stage e2e 70 "$results/bench.log" "$py" -m pytest bench/test_bench_e2e.py "${bench_args[@]}" \
+stage e2e 120 "$results/bench.log" "$py" -m pytest bench/test_bench_e2e.py bench/test_bench_tables.py "${bench_args[@]}" \
   --benchmark-json="$results/e2e.json"
 
 # ---- 6. summary, printed last --------------------------------------------------------------------------

@@ -324,6 +324,37 @@ def targets(kernel: dict, e2e: dict, launch_checks: list) -> Table:
     return table
 
 
+TABLE_VARIANTS = ("vanilla", "vanilla-sparse", "mb", "mb+shared_output", "mb-sparse")
+
+
+def tables_table(benchmarks: list[dict]) -> Table:
+    """The large-table runs (bench/test_bench_tables.py): medians of the interleaved steps and the ratios that
+    matter (MetaBalance over the Vanilla-Multi step with the same kind of embedding gradients)."""
+    header = ["device", "rows", "batch", *[f"{v} ms" for v in TABLE_VARIANTS]]
+    header += ["mb / vanilla", "shared_output / vanilla", "mb-sparse / vanilla-sparse"]
+    table = Table("Large tables, interleaved rounds (median ms per training step incl. the optimizers)", header)
+    for b in benchmarks:
+        if b.get("kind") != "tables-interleaved" or not b.get("interleaved"):
+            continue
+        ms = {v: b["interleaved"].get(v, {}).get("min" if STAT == "min" else "median") for v in TABLE_VARIANTS}
+
+        def ratio(num: str, den: str, ms: dict = ms) -> str:
+            return _x(ms[num] / ms[den]) if ms.get(num) and ms.get(den) else "-"
+
+        table.add(
+            [
+                b["device"],
+                f"{b['rows']:,}",
+                b["batch"],
+                *[_ms(ms[v]) for v in TABLE_VARIANTS],
+                ratio("mb", "vanilla"),
+                ratio("mb+shared_output", "vanilla"),
+                ratio("mb-sparse", "vanilla-sparse"),
+            ]
+        )
+    return table
+
+
 def summarize(paths: list[Path], launches: Path | None = None, markdown: bool = False) -> str:
     benchmarks, machines = load(paths)
     out = []
@@ -340,6 +371,7 @@ def summarize(paths: list[Path], launches: Path | None = None, markdown: bool = 
     out.append(rechub_table(benchmarks).render(markdown))
     e2e_list, e2e = e2e_tables(benchmarks)
     out += [t.render(markdown) for t in e2e_list]
+    out.append(tables_table(benchmarks).render(markdown))
     launch_table, launch_checks = launches_table(launches)
     out.append(launch_table.render(markdown))
     if any(m.get("mb_kernels", {}).get("quick") for m in machines):

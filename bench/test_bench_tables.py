@@ -1,0 +1,123 @@
+"""End to end with recommender-sized tables: dense vs sparse embedding gradients, plain step vs shared_output.
+
+The paper network (``bench.recsys``) with 200K-row user and item tables on CPU (1M on CUDA; 500 in quick mode),
+3 tasks, batch 256 and 4096, every variant in alternation (one step each per round, first mover rotating):
+
+- ``vanilla``: ``sum(losses).backward()``, dense embedding gradients, Adam on everything;
+- ``vanilla-sparse``: the same with ``sparse=True`` embeddings, SparseAdam on the tables, Adam on the rest;
+- ``mb``: ``MetaBalance(fused=None).step(losses)``, dense gradients, Adam;
+- ``mb+shared_output``: ``step(losses, shared_output=h)``, dense gradients, Adam;
+- ``mb-sparse``: ``step(losses)`` with ``sparse=True`` embeddings (sparse tables), SparseAdam + Adam.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from bench import common
+from bench.recsys import NUM_TASKS, task_losses, task_losses_and_shared
+from experiments.recsys.model import MultiTaskNCF
+from mb_kernels import MetaBalance
+
+VARIANTS = ("vanilla", "vanilla-sparse", "mb", "mb+shared_output", "mb-sparse")
+
+
+def table_rows(device: str) -> int:
+    return 500 if common.QUICK else (1_000_000 if device == "cuda" else 200_000)
+
+
+def _model(device: str, rows: int, sparse: bool) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MultiTaskNCF(num_users=rows, num_items=rows, num_tasks=NUM_TASKS)
+    for table in (model.user_mf, model.item_mf, model.user_mlp, model.item_mlp):
+        table.sparse = sparse
+    return model.train()
+
+
+def _batches(rows: int, batch_size: int, device: str, count: int = 8):
+    gen = torch.Generator().manual_seed(1)
+    rates = torch.tensor([0.1, 0.5, 0.3])
+    out = []
+    for _ in range(count):
+        users = torch.randint(0, rows, (batch_size,), generator=gen)
+        items = torch.randint(0, rows, (batch_size,), generator=gen)
+        labels = (torch.rand(batch_size, NUM_TASKS, generator=gen) < rates).float()
+        out.append((users.to(device), items.to(device), labels.to(device)))
+    return out
+
+
+def _step(variant: str, model: nn.Module, batches):
+    sparse = variant.endswith("sparse")
+    tables = [m.weight for m in (model.user_mf, model.item_mf, model.user_mlp, model.item_mlp)]
+    if sparse:
+        rest = [p for p in model.parameters() if all(p is not t for t in tables)]
+        optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
+    else:
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3)]
+    balancer = None if variant.startswith("vanilla") else MetaBalance(model.shared_parameters(), fused=None)
+    which = itertools.cycle(batches)
+
+    def step():
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        batch = next(which)
+        if balancer is None:
+            sum(task_losses(model, batch)).backward()
+        elif variant == "mb+shared_output":
+            losses, h = task_losses_and_shared(model, batch)
+            balancer.step(losses, shared_output=h)
+        else:
+            balancer.step(task_losses(model, batch))
+        for opt in optimizers:
+            opt.step()
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("device", "batch_size"),
+    [pytest.param(d, b, id=f"{d}-b{b}") for d in common.devices() for b in ([32] if common.QUICK else [256, 4096])],
+)
+def test_large_tables_interleaved(benchmark, device, batch_size):
+    rows = table_rows(device)
+    batches = _batches(rows, batch_size, device)
+    dense, sparse = _model(device, rows, False), _model(device, rows, True)
+    steps = {v: _step(v, copy.deepcopy(sparse if v.endswith("sparse") else dense), batches) for v in VARIANTS}
+    del dense, sparse
+    benchmark.group = f"tables {device} batch={batch_size}"
+    info = benchmark.extra_info
+    info.update(kind="tables-interleaved", device=device, batch=batch_size, rows=rows, tasks=NUM_TASKS)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+
+    def one_round():
+        order.append(order.pop(0))
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            common.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+
+    if common.QUICK:
+        benchmark.pedantic(one_round, rounds=1, iterations=1)
+    else:
+        one_round()  # warm-up: lazy state, allocator, compilation
+        start = time.perf_counter()
+        one_round()
+        per_round = time.perf_counter() - start
+        for values in times.values():
+            values.clear()
+        rounds = int(min(30, max(5, 4 * common.budget_s(device) / per_round)))
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    info["interleaved"] = {
+        name: {"min": min(values), "median": statistics.median(values), "steps": len(values)}
+        for name, values in times.items()
+    }
