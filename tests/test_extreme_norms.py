@@ -31,6 +31,10 @@ from mb_kernels.layout import FlatLayout
 from tests.cases import RTOL_NORM, assert_matches_truth, run_steps, truth
 
 BACKEND_NAMES = available_backends("cpu")
+# (device, backend) pairs for the two matrix tests: CUDA backends too where a GPU is present (the GPU tier).
+DEVICE_BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in BACKEND_NAMES] + (
+    [pytest.param("cuda", b, id=f"cuda-{b}") for b in available_backends("cuda")] if torch.cuda.is_available() else []
+)
 # One small tensor (the C++ kernel's one-pass bundles, one Triton chunk) and one of several C++ spans and Triton
 # chunks (70,001 elements: the three-pass path, partial sums added across spans/chunks).
 SIZES = [1, 5, 33, 4097, 70_001]
@@ -56,10 +60,10 @@ def extreme_grads(seed: int, sizes: list[int], magnitudes, dtype: torch.dtype) -
     return out
 
 
-def check_backend(name: str, dtype: torch.dtype, case: str) -> None:
+def check_backend(name: str, dtype: torch.dtype, case: str, device: str = "cpu") -> None:
     """The backend over two steps (beta = 0.5) against the float64 reference: averages and combined gradient."""
     fn = BACKENDS[name].loader()
-    grads = [extreme_grads(step, SIZES, MAGNITUDES[case], dtype) for step in range(2)]
+    grads = [extreme_grads(step, SIZES, MAGNITUDES[case], dtype).to(device) for step in range(2)]
     outs, ema = run_steps(fn, grads, SIZES, 0.7, 0.5, "C")
     expected = truth(grads, SIZES, 0.7, 0.5, "C")
     assert torch.isfinite(ema).all() and (ema > 0).all(), f"{name} {dtype} {case}: averages {ema}"
@@ -68,17 +72,17 @@ def check_backend(name: str, dtype: torch.dtype, case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(MAGNITUDES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_backend_matches_float64_truth(backend, dtype, case):
-    check_backend(backend, dtype, case)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_backend_matches_float64_truth(device, backend, dtype, case):
+    check_backend(backend, dtype, case, device)
 
 
 # Not below 1e-36: bfloat16 subnormals (< 1.2e-38) are misread by the Triton interpreter's bfloat16 loads (Triton 3.9:
 # 1e-39 reads as 4.4e-39), whatever the norms; compiled code converts them exactly.
 @pytest.mark.parametrize("exponents", [(-36, -18), (-30, 0), (-5, 30)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_mixed_magnitudes_within_tensors(backend, dtype, exponents):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_mixed_magnitudes_within_tensors(device, backend, dtype, exponents):
     """Elements of magnitude 10^U(lo, hi) side by side: sums whose float32 evaluation would underflow in part or in
     whole (-36..-18), lose only negligible tiny squares (-30..0: the C++ kernel keeps its float32 sum there), or
     overflow (-5..30)."""
@@ -89,9 +93,9 @@ def test_mixed_magnitudes_within_tensors(backend, dtype, exponents):
     for _ in range(2):
         magnitude = 10.0 ** (torch.rand(NUM_TASKS, sum(SIZES), generator=gen, dtype=torch.float64) * (hi - lo) + lo)
         sign = torch.randint(0, 2, (NUM_TASKS, sum(SIZES)), generator=gen).double() * 2 - 1
-        grads.append((magnitude * sign).to(dtype))
+        grads.append((magnitude * sign).to(dtype).to(device))
     outs, ema = run_steps(fn, grads, SIZES, 0.7, 0.5, "C")
-    label = f"{backend} {dtype} 1e{lo}..1e{hi}"
+    label = f"{device} {backend} {dtype} 1e{lo}..1e{hi}"
     assert_matches_truth(outs, ema, truth(grads, SIZES, 0.7, 0.5, "C"), NUM_TASKS, label=label)
 
 
