@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -91,29 +92,39 @@ def plot_runs(paths: list[str], out: Path, seed: int = 0) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {}
+    runs, tasks = {}, []
     for path in paths:
-        for method, items in json.loads(Path(path).read_text())["runs"].items():
+        payload = json.loads(Path(path).read_text())
+        tasks = tasks or re.findall(r"(\w+)_train=", payload.get("data", ""))
+        for method, items in payload["runs"].items():
             for item in items:
                 if item["config"]["seed"] == seed and item["history"]:
                     runs[method] = item
     weighted = [m for m, r in runs.items() if "task_weights" in r["history"][0]]
-    fig, axes = plt.subplots(1, 1 + len(weighted), figsize=(4.2 * (1 + len(weighted)), 3.6), squeeze=False)
-    ax = axes[0][0]
+    cols = 4
+    rows = -(-(1 + len(weighted)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    panels = [ax for row in axes for ax in row]
+    ax = panels[0]
     for method, run in runs.items():
         ax.plot([h["epoch"] for h in run["history"]], [h["valid"]["ndcg@10"] for h in run["history"]], label=method)
-    ax.set_title(f"validation NDCG@10 (seed {seed})")
+    ax.set_title(f"validation NDCG@10 per epoch (seed {seed})")
     ax.set_xlabel("epoch")
-    ax.legend(fontsize=7)
-    for ax, method in zip(axes[0][1:], weighted):
+    ax.legend(fontsize=6, ncol=2)
+    for ax, method in zip(panels[1:], weighted):
         run = runs[method]
         epochs = [h["epoch"] for h in run["history"]]
         weights = [h["task_weights"] for h in run["history"]]
-        for t, task in enumerate(run.get("tasks") or ["target", "aux 1", "aux 2"][: len(weights[0])]):
-            ax.plot(epochs, [w[t] for w in weights], "-" if t == 0 else "--", label=task)
-        ax.set_title(f"{run['label']}: task weights")
+        for t in range(len(weights[0])):
+            name = tasks[t] if t < len(tasks) else f"task {t}"
+            label = name + (" (target)" if t == 0 else "")
+            ax.plot(epochs, [w[t] for w in weights], "-" if t == 0 else "--", label=label)
+        what = "fraction of steps used" if method == "gradsim" else "task weights"
+        ax.set_title(f"{run['label']}: {what}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
+    for ax in panels[1 + len(weighted) :]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
