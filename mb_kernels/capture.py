@@ -280,8 +280,8 @@ def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -
     """Embedding lookups of balanced tables below ``shared`` whose table the bottom reaches through lookups only:
     ``{id(table): [EmbeddingBackward node, ...]}``. The batched backward then stops at each lookup's output (a
     ``[T, rows, d]`` gradient of the looked-up rows) instead of running the dense ``[V, d]`` embedding backward
-    once per task; the rows are added into the workspace by index. ``scale_grad_by_freq`` and sparse lookups are
-    left to autograd."""
+    once per task; the rows are added into the workspace by index (dense tables) or kept as a sparse gradient
+    (sparse tables). ``scale_grad_by_freq`` lookups are left to autograd."""
     lookups: dict[int, list] = {}
     other_parents: set[int] = set()
     seen: set = set()
@@ -291,11 +291,7 @@ def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -
         if node in seen:
             continue
         seen.add(node)
-        is_lookup = (
-            type(node).__name__ == "EmbeddingBackward0"
-            and not node._saved_scale_grad_by_freq
-            and not node._saved_sparse
-        )
+        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
         for child, _ in node.next_functions:
             if child is None:
                 continue
@@ -309,8 +305,33 @@ def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
 
 
+def _rows_to_sparse(table: torch.Tensor, nodes: list, row_grads: dict, task: int) -> torch.Tensor | None:
+    """Task ``task``'s gradient of ``table`` from its lookups' row gradients: a coalesced sparse tensor (duplicate
+    ids summed, the padding row left out, as the sparse embedding backward does), or None if no lookup got one."""
+    indices, values = [], []
+    for node in nodes:
+        g = row_grads[node]
+        if g is None:
+            continue
+        rows = node._saved_indices.reshape(-1)
+        g = g[task].reshape(-1, table.shape[1])
+        if node._saved_padding_idx >= 0:
+            keep = rows != node._saved_padding_idx
+            rows, g = rows[keep], g[keep]
+        indices.append(rows)
+        values.append(g)
+    if not indices:
+        return None
+    index = torch.cat(indices)[None, :]
+    grad = torch.sparse_coo_tensor(index, torch.cat(values), table.shape, check_invariants=False)
+    return grad.coalesce()
+
+
 def capture_task_grads_through(
-    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], shared: Sequence[torch.Tensor]
+    losses: Sequence[torch.Tensor],
+    buckets: Sequence[Bucket],
+    shared: Sequence[torch.Tensor],
+    tables: Sequence[SparseTable] = (),
 ) -> Capture:
     """Per-task gradients of the balanced parameters through the shared representation ``shared`` (tensors
     through which every path from every loss to every balanced parameter passes).
@@ -323,7 +344,7 @@ def capture_task_grads_through(
     survives the step. Everything checkable is checked before the first backward.
     """
     balanced = [p for bucket in buckets for p in bucket.params]
-    balanced_ids = {id(p) for p in balanced}
+    balanced_ids = {id(p) for p in balanced} | {id(table.param) for table in tables}
     for i, h in enumerate(shared):
         if not isinstance(h, torch.Tensor) or not h.requires_grad or h.grad_fn is None:
             raise ValueError(
@@ -346,9 +367,19 @@ def capture_task_grads_through(
     if not any(id(leaf) in balanced_ids for leaf in below):
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
     bottom_others = [leaf for leaf in below if id(leaf) not in balanced_ids]
-    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in {id(t) for t in towers}])
+    lookups = _embedding_lookups(shared, balanced_ids)
+    for table in tables:
+        if id(table.param) not in lookups:
+            raise ValueError(
+                f"MetaBalance.step: the sparse table of shape {tuple(table.param.shape)} is reached other than by "
+                "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
+                "lookups only. Call step(losses) without shared_output for this model."
+            )
+    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in {id(t) for t in towers}], tables)
     for p in capture.others:
         p.grad = None
+    for table in tables:
+        table.param.grad = None
     for p in balanced:
         p.grad = None
     try:
@@ -371,9 +402,9 @@ def capture_task_grads_through(
             torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
             for i, h in enumerate(shared)
         ]
-        lookups = _embedding_lookups(shared, balanced_ids)
         dense = [p for p in balanced if id(p) not in lookups]
-        lookup_nodes = [node for p in balanced for node in lookups.get(id(p), [])]
+        table_params = [table.param for table in tables]
+        lookup_nodes = [node for p in [*balanced, *table_params] for node in lookups.get(id(p), [])]
         edges = [GradientEdge(node, 0) for node in lookup_nodes]
         bottom_inputs = [*dense, *bottom_others, *edges]
         try:
@@ -415,6 +446,9 @@ def capture_task_grads_through(
                     else:
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     hit[i] = g is not None
+            for table in tables:
+                nodes = lookups[id(table.param)]
+                table.task_grads = [_rows_to_sparse(table.param, nodes, row_grads, t) for t in range(num_tasks)]
             for p, g in zip(towers, tower_sums):
                 p.grad = g
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

@@ -340,13 +340,8 @@ class MetaBalance(torch.optim.Optimizer):
         if shared_output is None:
             capture = capture_task_grads(losses, buckets, tables)
         else:
-            if tables:
-                raise ValueError(
-                    "MetaBalance.step: shared_output does not support sparse embedding tables yet; call "
-                    "step(losses) without shared_output"
-                )
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
-            capture = capture_task_grads_through(losses, buckets, shared)
+            capture = capture_task_grads_through(losses, buckets, shared, tables)
         table_grads: list[torch.Tensor | None] = []
         try:
             with torch.no_grad():

@@ -127,3 +127,56 @@ def test_accumulates_onto_an_existing_sparse_gradient_and_round_trips_state():
     assert mb2.num_tasks == T
     rows = {d["param"].shape: d["weights"] for d in mb.diagnostics()}
     assert (60, 6) in rows and rows[(60, 6)].shape == (T,)
+
+
+class SparseLookups(nn.Module):
+    """nn.Embedding tables only (one with padding_idx, looked up twice), for shared_output."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.users = nn.Embedding(40, 6, sparse=sparse)
+        self.items = nn.Embedding(60, 6, padding_idx=0, sparse=sparse)
+        self.mlp = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.users.weight, self.items.weight, *self.mlp.parameters()]
+
+    def losses(self, batch):
+        items, _, _, _, _, labels = batch
+        h = torch.tanh(self.mlp(self.users(items % 40) * self.items(items) + self.items((items * 3) % 60)))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+@pytest.mark.parametrize("strategy", ["A", "C"])
+def test_sparse_tables_with_shared_output_equal_the_dense_plain_step(strategy):
+    torch.manual_seed(3)
+    sparse_model = SparseLookups(sparse=True).double()
+    dense_model = SparseLookups(sparse=False).double()
+    dense_model.load_state_dict(sparse_model.state_dict())
+    mb_sparse = MetaBalance(sparse_model.shared_parameters(), strategy=strategy, fused=None)
+    mb_dense = MetaBalance(dense_model.shared_parameters(), strategy=strategy, fused=False)
+    for step in range(3):
+        batch = _batch(step)
+        for m in (sparse_model, dense_model):
+            m.zero_grad(set_to_none=True)
+        losses, h = sparse_model.losses(batch)
+        mb_sparse.step(losses, shared_output=h)
+        mb_dense.step(dense_model.losses(batch)[0])
+        for p, q in zip(sparse_model.parameters(), dense_model.parameters()):
+            got = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            torch.testing.assert_close(got, q.grad, rtol=1e-10, atol=1e-13)
+        assert sparse_model.items.weight.grad.is_sparse and sparse_model.users.weight.grad.is_sparse
+
+
+def test_shared_output_refuses_sparse_bags_before_any_backward():
+    model, _ = _twins()
+    mb = MetaBalance(model.shared_parameters(), fused=False)
+    batch = _batch(0)
+    items, bags, offsets, weights, _, _ = batch
+    h = torch.tanh(model.mlp(model.items(items) + model.history(bags, offsets, per_sample_weights=weights)))
+    losses = [tower(h).sum() for tower in model.towers]
+    with pytest.raises(ValueError, match=r"nn\.Embedding lookups only"):
+        mb.step(losses, shared_output=h)
+    assert all(p.grad is None for p in model.parameters())
