@@ -7,15 +7,19 @@
 #
 # SECONDS (default: no limit) stops the runs after that long; every process has written the runs it finished
 # (--out is rewritten after each tested run), so the merged table shows what completed.
+# Environment: PYTHON (python3), EPOCHS (15), SEEDS (5), DEVICE (cuda), EXTRA (more arguments for every process,
+# e.g. "--max-users 200" for a quick check of the script on a CPU).
 set -uo pipefail
 data="${1:?data folder}"
 out="${2:?output folder}"
 limit="${3:-0}"
 py="${PYTHON:-python3}"
 epochs="${EPOCHS:-15}"
+seeds="${SEEDS:-5}"
+device="${DEVICE:-cuda}"
 mkdir -p "$out/runs" "$out/logs" "$out/traces"
-common=(--data "$data" --device cuda --seeds 5 --epochs "$epochs" --patience 5 --batch-size 256 --threads 1
-  --eval-workers 1 --quiet)
+common=(--data "$data" --device "$device" --seeds "$seeds" --epochs "$epochs" --patience 5 --batch-size 256
+  --threads 1 --eval-workers 1 --quiet ${EXTRA:-})
 groups=(
   "mostpop single vanilla"
   "mb-C" "mb-A" "mb-B"

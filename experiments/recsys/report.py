@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .__main__ import METRIC_COLUMNS, REFERENCES, format_table, paired_comparison
+from .methods import METHODS
 
 
 def load_runs(paths: list[str]) -> tuple[dict[str, list[SimpleNamespace]], list[dict]]:
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     runs, payloads = load_runs(args.files)
-    order = []
-    for payload in payloads:
-        order += [m for m in payload["args"]["methods"] if m not in order]
+    listed = {m for payload in payloads for m in payload["args"]["methods"]}
+    order = [m for m in METHODS if m in listed]  # the registry's order, whatever the order of the files
     rows = table_rows(runs, order)
     print(f"{payloads[0]['data']}\n")
     print(format_table(rows))
