@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument(
+        "--shared-output",
+        action="store_true",
+        help="MetaBalance methods: step(losses, shared_output=h), one walk of the shared bottom instead of one per "
+        "task (same gradients; faster with large embedding tables)",
+    )
+    p.add_argument(
         "--trace",
         help="record per-task gradient norms (Vanilla-Multi and MetaBalance-C, first seed) into this JSON "
         "file; plot with scripts/plot_gradients.py",
@@ -334,6 +340,7 @@ def _config(args: argparse.Namespace, method: str, seed: int, value: float | Non
         mask=args.mask,
         trace_every=args.trace_every if trace else 0,
         device=args.device,
+        shared_output=args.shared_output,
         eval_workers=args.eval_workers,
     )
     if info.hyper is not None and value is not None:

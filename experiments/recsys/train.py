@@ -67,6 +67,9 @@ class TrainConfig:
     dwa_temperature: float = 2.0
     """DWA's temperature T."""
     device: str = "cpu"
+    shared_output: bool = False
+    """MetaBalance methods: ``step(losses, shared_output=h)`` (each tower backpropagated once to the shared
+    representation, one batched backward through the bottom; the same gradients). Faster with large tables."""
     eval_workers: int | None = None
     """CPU threads scoring user blocks in evaluation (None: every core this process may use)."""
 
@@ -252,7 +255,7 @@ def train(
             if cfg.method == "single":
                 losses[0].backward()
             elif balancer is not None:
-                balancer.step(losses)
+                balancer.step(losses, shared_output=h if cfg.shared_output else None)
             elif combiner is not None:
                 combiner.backward(losses)
             else:
