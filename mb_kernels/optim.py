@@ -13,7 +13,8 @@ import torch
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
 from .backends.sparse import balance_sparse
-from .capture import Bucket, SparseTable, capture_task_grads, capture_task_grads_through, sparse_gradient_params
+from .capture import Bucket, SparseTable, capture_task_grads, sparse_gradient_params
+from .capture_shared import capture_task_grads_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
 

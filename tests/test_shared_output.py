@@ -208,7 +208,7 @@ def test_bad_shared_output_raises_before_touching_anything(case):
 
 
 def test_lookups_are_cut_at_their_rows_only_where_that_is_exact():
-    from mb_kernels.capture import _embedding_lookups
+    from mb_kernels.capture_shared import _embedding_lookups
 
     model = EmbeddingCases()
     _, h = model.losses(*_batch(0))

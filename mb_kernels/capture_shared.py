@@ -1,0 +1,202 @@
+"""Capture through a shared representation: ``MetaBalance.step(losses, shared_output=h)``.
+
+Each loss is backpropagated through its own tower only, down to ``h``; one batched backward (``is_grads_batched``,
+vmap over the task dimension) then carries the T cotangents at ``h`` through the shared bottom. Embedding lookups of
+balanced tables are cut at their rows (``GradientEdge``), so no dense ``[V, d]`` embedding backward runs per task.
+The ``.grad`` lifecycle, the workspaces and the sparse tables are :mod:`mb_kernels.capture`'s; docs/design.md §4
+gives the design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.graph import GradientEdge
+
+from .capture import Bucket, Capture, SparseTable, _walk, reached_leaves
+
+
+def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
+    """Embedding lookups of balanced tables below ``shared`` whose table the bottom reaches through lookups only:
+    ``{id(table): [EmbeddingBackward node, ...]}``. The batched backward then stops at each lookup's output (a
+    ``[T, rows, d]`` gradient of the looked-up rows) instead of running the dense ``[V, d]`` embedding backward
+    once per task; the rows are added into the workspace by index (dense tables) or kept as a sparse gradient
+    (sparse tables). ``scale_grad_by_freq`` lookups are left to autograd."""
+    lookups: dict[int, list] = {}
+    other_parents: set[int] = set()
+    seen: set = set()
+    stack = [h.grad_fn for h in shared if h.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None and id(variable) in balanced_ids:
+                if is_lookup and variable.dim() == 2:
+                    lookups.setdefault(id(variable), []).append(node)
+                else:
+                    other_parents.add(id(variable))
+            stack.append(child)
+    return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
+
+
+def _rows_to_sparse(table: torch.Tensor, nodes: list, row_grads: dict, task: int) -> torch.Tensor | None:
+    """Task ``task``'s gradient of ``table`` from its lookups' row gradients: a coalesced sparse tensor (duplicate
+    ids summed, the padding row left out, as the sparse embedding backward does), or None if no lookup got one."""
+    indices, values = [], []
+    for node in nodes:
+        g = row_grads[node]
+        if g is None:
+            continue
+        rows = node._saved_indices.reshape(-1)
+        g = g[task].reshape(-1, table.shape[1])
+        if node._saved_padding_idx >= 0:
+            keep = rows != node._saved_padding_idx
+            rows, g = rows[keep], g[keep]
+        indices.append(rows)
+        values.append(g)
+    if not indices:
+        return None
+    index = torch.cat(indices)[None, :]
+    grad = torch.sparse_coo_tensor(index, torch.cat(values), table.shape, check_invariants=False)
+    return grad.coalesce()
+
+
+def capture_task_grads_through(
+    losses: Sequence[torch.Tensor],
+    buckets: Sequence[Bucket],
+    shared: Sequence[torch.Tensor],
+    tables: Sequence[SparseTable] = (),
+) -> Capture:
+    """Per-task gradients of the balanced parameters through the shared representation ``shared`` (tensors
+    through which every path from every loss to every balanced parameter passes).
+
+    Each loss is backpropagated through its own tower only, down to ``shared`` (the towers' parameters collect
+    the plain sum, as in :func:`capture_task_grads`); then one batched backward (``is_grads_batched``: vmap over
+    the task dimension) carries the T cotangents at ``shared`` through the shared bottom into every balanced
+    parameter's per-task gradient. Exact per-task gradients, no subtraction. The last tower pass runs from all
+    losses (zero seeds but the last) without retaining, and the bottom pass does not retain either, so no graph
+    survives the step. Everything checkable is checked before the first backward.
+    """
+    balanced = [p for bucket in buckets for p in bucket.params]
+    balanced_ids = {id(p) for p in balanced} | {id(table.param) for table in tables}
+    for i, h in enumerate(shared):
+        if not isinstance(h, torch.Tensor) or not h.requires_grad or h.grad_fn is None:
+            raise ValueError(
+                f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
+                "(the shared bottom's output), with its graph (not detached, not a leaf)"
+            )
+    above, reached_shared = _walk(losses, shared)
+    towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
+    leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
+    if leaking:
+        shapes = ", ".join(str(tuple(p.shape)) for p in leaking[:5])
+        raise ValueError(
+            f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {shapes} without passing through "
+            "shared_output; pass every tensor the towers take from the shared bottom (a sequence is accepted), "
+            "or call step(losses) without shared_output"
+        )
+    if not any(reached_shared):
+        raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
+    below = reached_leaves(shared)
+    if not any(id(leaf) in balanced_ids for leaf in below):
+        raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
+    bottom_others = [leaf for leaf in below if id(leaf) not in balanced_ids]
+    lookups = _embedding_lookups(shared, balanced_ids)
+    for table in tables:
+        if id(table.param) not in lookups:
+            raise ValueError(
+                f"MetaBalance.step: the sparse table of shape {tuple(table.param.shape)} is reached other than by "
+                "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
+                "lookups only. Call step(losses) without shared_output for this model."
+            )
+    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in {id(t) for t in towers}], tables)
+    for p in capture.others:
+        p.grad = None
+    for table in tables:
+        table.param.grad = None
+    for p in balanced:
+        p.grad = None
+    try:
+        tower_inputs = [*shared, *towers]
+        last = len(losses) - 1
+        per_task_h: list[list[torch.Tensor | None]] = []
+        tower_sums: list[torch.Tensor | None] = [None] * len(towers)
+        for task, loss in enumerate(losses):
+            if task < last:
+                grads = torch.autograd.grad(loss, tower_inputs, retain_graph=True, allow_unused=True)
+            else:
+                # From every root, zero seeds but the last: every tower node runs once more without retain.
+                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+                grads = torch.autograd.grad(list(losses), tower_inputs, grad_outputs=seeds, allow_unused=True)
+            per_task_h.append(list(grads[: len(shared)]))
+            for j, g in enumerate(grads[len(shared) :]):
+                if g is not None:
+                    tower_sums[j] = g if tower_sums[j] is None else tower_sums[j] + g
+        cotangents = [
+            torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
+            for i, h in enumerate(shared)
+        ]
+        dense = [p for p in balanced if id(p) not in lookups]
+        table_params = [table.param for table in tables]
+        lookup_nodes = [node for p in [*balanced, *table_params] for node in lookups.get(id(p), [])]
+        edges = [GradientEdge(node, 0) for node in lookup_nodes]
+        bottom_inputs = [*dense, *bottom_others, *edges]
+        try:
+            results = torch.autograd.grad(
+                list(shared), bottom_inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError as err:
+            raise RuntimeError(
+                "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (an "
+                "operation without a vmap rule, e.g. a custom autograd.Function?); call step(losses) without "
+                f"shared_output for this model. Cause: {err}"
+            ) from err
+        dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
+        row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
+        num_tasks = len(losses)
+        with torch.no_grad():
+            for bucket, hit in zip(buckets, capture.reached):
+                start = 0
+                for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
+                    block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
+                    start += size
+                    if id(p) in lookups:
+                        block.zero_()
+                        table = block.view(num_tasks, p.shape[0], p.shape[1])
+                        for node in lookups[id(p)]:
+                            g = row_grads[node]
+                            if g is None:
+                                continue
+                            rows = node._saved_indices.reshape(-1)
+                            g = g.reshape(num_tasks, -1, p.shape[1])
+                            if node._saved_padding_idx >= 0:  # the padding row gets no gradient, as in autograd
+                                g = g * (rows != node._saved_padding_idx).to(g.dtype)[None, :, None]
+                            table.index_add_(1, rows, g.to(table.dtype))
+                            hit[i] = True
+                        continue
+                    g = dense_grads[id(p)]
+                    if g is None:
+                        block.zero_()
+                    else:
+                        block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
+                    hit[i] = g is not None
+            for table in tables:
+                nodes = lookups[id(table.param)]
+                table.task_grads = [_rows_to_sparse(table.param, nodes, row_grads, t) for t in range(num_tasks)]
+            for p, g in zip(towers, tower_sums):
+                p.grad = g
+            for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):
+                if g is not None:
+                    total = g.sum(0)
+                    p.grad = total if p.grad is None else p.grad + total
+    except BaseException:
+        capture.abort()
+        raise
+    return capture
