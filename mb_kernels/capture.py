@@ -134,7 +134,7 @@ def _edge(tensor: torch.Tensor) -> tuple:
     return (tensor.grad_fn, tensor.output_nr)
 
 
-def _walk(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], list[bool]]:
+def walk_graph(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], list[bool]]:
     """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``: the leaf
     tensors found (AccumulateGrad nodes; each once), and which of ``cut_at`` were reached. Reads no values."""
     cut = {_edge(h): i for i, h in enumerate(cut_at)}
@@ -168,7 +168,7 @@ def _walk(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) ->
 
 def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into, each once."""
-    return _walk(losses)[0]
+    return walk_graph(losses)[0]
 
 
 def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .capture import Bucket, Capture, SparseTable, _walk, reached_leaves
+from .capture import Bucket, Capture, SparseTable, walk_graph, reached_leaves
 
 
 def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
@@ -92,7 +92,7 @@ def capture_task_grads_through(
                 f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
                 "(the shared bottom's output), with its graph (not detached, not a leaf)"
             )
-    above, reached_shared = _walk(losses, shared)
+    above, reached_shared = walk_graph(losses, shared)
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
     if leaking:
