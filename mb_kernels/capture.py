@@ -134,7 +134,9 @@ def _edge(tensor: torch.Tensor) -> tuple:
     return (tensor.grad_fn, tensor.output_nr)
 
 
-def walk_graph(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], list[bool]]:
+def walk_graph(
+    roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()
+) -> tuple[list[torch.Tensor], list[bool]]:
     """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``: the leaf
     tensors found (AccumulateGrad nodes; each once), and which of ``cut_at`` were reached. Reads no values."""
     cut = {_edge(h): i for i, h in enumerate(cut_at)}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .capture import Bucket, Capture, SparseTable, walk_graph, reached_leaves
+from .capture import Bucket, Capture, SparseTable, reached_leaves, walk_graph
 
 
 def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
