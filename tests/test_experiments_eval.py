@@ -11,8 +11,6 @@ where cuBLAS may pick other kernels per shape (equal up to float32 rounding ther
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -119,11 +117,9 @@ def test_metrics_with_ties_do_not_depend_on_worker_count_or_block():
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Taobao data not found at {REAL_DATA}")
-def test_taobao_ranking_throughput():
-    """1,024 of the 15,449 Taobao users x all 11,953 items through the paper network with 2 evaluation threads,
-    projected to all users: the issue's target is 60 s for everyone on 2 cores. Measured as CPU time / 2 (so
-    other load on the machine does not count) and asserted with slack (90 s); docs/REPRODUCTION.md has the full
-    wall-clock measurement."""
+def test_taobao_ranking_runs_on_the_real_data():
+    """1,024 of the 15,449 Taobao users x all 11,953 items through the paper network with 2 evaluation workers:
+    metrics in range. The speed is a benchmark's business (bench/test_bench_eval.py), not a timed assertion."""
     from experiments.recsys import data as D
     from experiments.recsys.train import evaluate, fixed_users
 
@@ -131,9 +127,5 @@ def test_taobao_ranking_throughput():
     torch.manual_seed(0)
     model = MultiTaskNCF(d.num_users, d.num_items, len(d.tasks)).eval()
     users = fixed_users(d, "test", 1024)
-    start = time.process_time()  # CPU seconds of all this process's threads: robust to other load on the machine
     metrics = evaluate(model, d, "test", users=users, workers=2)
-    projected = (time.process_time() - start) / 2 * d.num_users / len(users)
-    print(f"Taobao full ranking, projected to all users on 2 cores: {projected:.0f} s")
-    assert 0.0 <= metrics["ndcg@10"] <= 1.0
-    assert projected < 90
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("_se"))
