@@ -68,28 +68,34 @@ class SparseTable:
         self.task_grads: list[torch.Tensor | None] = [None] * num_tasks
 
 
-def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int]) -> set[int]:
-    """Ids of the ``candidates`` (leaf tensors) that a backward from ``losses`` gives sparse gradients: the tables
-    of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True`` (found by a walk of the graph)."""
-    found: set[int] = set()
+def leaf_edges(roots: Sequence[torch.Tensor]):
+    """Every (node, leaf) pair of the autograd graph below ``roots`` where ``node`` passes gradient into the leaf
+    tensor's AccumulateGrad (each node visited once; no tensor values read)."""
     seen: set = set()
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        sparse = getattr(node, "_saved_sparse", False) is True
         for child, _ in node.next_functions:
             if child is None:
                 continue
             variable = getattr(child, "variable", None)
             if variable is not None:
-                if sparse and id(variable) in candidates:
-                    found.add(id(variable))
+                yield node, variable
             else:
                 stack.append(child)
-    return found
+
+
+def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int]) -> set[int]:
+    """Ids of the ``candidates`` (leaf tensors) that a backward from ``losses`` gives sparse gradients: the tables
+    of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True``."""
+    return {
+        id(leaf)
+        for node, leaf in leaf_edges(losses)
+        if id(leaf) in candidates and getattr(node, "_saved_sparse", False) is True
+    }
 
 
 def _collect_tables(tables: Sequence[SparseTable], task: int) -> None:

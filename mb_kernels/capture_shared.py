@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .capture import Bucket, Capture, SparseTable, reached_leaves, walk_graph
+from .capture import Bucket, Capture, SparseTable, leaf_edges, reached_leaves, walk_graph
 
 
 def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
@@ -25,47 +25,36 @@ def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -
     (sparse tables). ``scale_grad_by_freq`` lookups are left to autograd."""
     lookups: dict[int, list] = {}
     other_parents: set[int] = set()
-    seen: set = set()
-    stack = [h.grad_fn for h in shared if h.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
+    for node, leaf in leaf_edges(shared):
+        if id(leaf) not in balanced_ids:
             continue
-        seen.add(node)
         is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None and id(variable) in balanced_ids:
-                if is_lookup and variable.dim() == 2:
-                    lookups.setdefault(id(variable), []).append(node)
-                else:
-                    other_parents.add(id(variable))
-            stack.append(child)
+        if is_lookup and leaf.dim() == 2:
+            lookups.setdefault(id(leaf), []).append(node)
+        else:
+            other_parents.add(id(leaf))
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
 
 
-def _rows_to_sparse(table: torch.Tensor, nodes: list, row_grads: dict, task: int) -> torch.Tensor | None:
-    """Task ``task``'s gradient of ``table`` from its lookups' row gradients: a coalesced sparse tensor (duplicate
-    ids summed, the padding row left out, as the sparse embedding backward does), or None if no lookup got one."""
-    indices, values = [], []
-    for node in nodes:
-        g = row_grads[node]
-        if g is None:
-            continue
-        rows = node._saved_indices.reshape(-1)
-        g = g[task].reshape(-1, table.shape[1])
-        if node._saved_padding_idx >= 0:
-            keep = rows != node._saved_padding_idx
-            rows, g = rows[keep], g[keep]
-        indices.append(rows)
-        values.append(g)
-    if not indices:
+def _lookup_rows(node, grad: torch.Tensor, width: int, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, width]``, the padding row left out (it gets
+    no gradient, as in autograd)."""
+    rows = node._saved_indices.reshape(-1)
+    grad = grad.reshape(num_tasks, -1, width)
+    if node._saved_padding_idx >= 0:
+        keep = rows != node._saved_padding_idx
+        rows, grad = rows[keep], grad[:, keep]
+    return rows, grad
+
+
+def _rows_to_sparse(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], task: int):
+    """Task ``task``'s gradient of ``table`` from its lookups' ``(rows, [T, k, d] grads)``: a coalesced sparse tensor
+    (duplicate ids summed), or None if no lookup got one."""
+    if not parts:
         return None
-    index = torch.cat(indices)[None, :]
-    grad = torch.sparse_coo_tensor(index, torch.cat(values), table.shape, check_invariants=False)
-    return grad.coalesce()
+    index = torch.cat([rows for rows, _ in parts])[None, :]
+    values = torch.cat([grads[task] for _, grads in parts])
+    return torch.sparse_coo_tensor(index, values, table.shape, check_invariants=False).coalesce()
 
 
 def capture_task_grads_through(
@@ -161,6 +150,11 @@ def capture_task_grads_through(
         dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
         num_tasks = len(losses)
+
+        def lookup_rows(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            found = [(node, row_grads[node]) for node in lookups[id(p)]]
+            return [_lookup_rows(node, g, p.shape[1], num_tasks) for node, g in found if g is not None]
+
         with torch.no_grad():
             for bucket, hit in zip(buckets, capture.reached):
                 start = 0
@@ -170,14 +164,7 @@ def capture_task_grads_through(
                     if id(p) in lookups:
                         block.zero_()
                         table = block.view(num_tasks, p.shape[0], p.shape[1])
-                        for node in lookups[id(p)]:
-                            g = row_grads[node]
-                            if g is None:
-                                continue
-                            rows = node._saved_indices.reshape(-1)
-                            g = g.reshape(num_tasks, -1, p.shape[1])
-                            if node._saved_padding_idx >= 0:  # the padding row gets no gradient, as in autograd
-                                g = g * (rows != node._saved_padding_idx).to(g.dtype)[None, :, None]
+                        for rows, g in lookup_rows(p):
                             table.index_add_(1, rows, g.to(table.dtype))
                             hit[i] = True
                         continue
@@ -188,8 +175,8 @@ def capture_task_grads_through(
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     hit[i] = g is not None
             for table in tables:
-                nodes = lookups[id(table.param)]
-                table.task_grads = [_rows_to_sparse(table.param, nodes, row_grads, t) for t in range(num_tasks)]
+                parts = lookup_rows(table.param)
+                table.task_grads = [_rows_to_sparse(table.param, parts, t) for t in range(num_tasks)]
             for p, g in zip(towers, tower_sums):
                 p.grad = g
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.contract import BalanceFn, Hyperparameters
-from .backends.reference import balance_weights, combine, tensor_norms, update_norm_ema
+from .backends.reference import combine, tensor_norms, update_and_weigh
 from .layout import FlatLayout
 
 DDP_MODES = ("exact", "low_comm")
@@ -112,6 +112,5 @@ class DistributedSync:
         """Local norms -> all-reduced mean -> EMA and weights -> local combine -> mean."""
         norms = tensor_norms(task_grads, layout).to(norm_ema.dtype)
         self._mean(norms)
-        update_norm_ema(norm_ema, norms, hyper.beta)
-        combine(task_grads, balance_weights(norm_ema, hyper.relax_factor, hyper.strategy), layout, out)
+        combine(task_grads, update_and_weigh(norm_ema, norms, hyper), layout, out)
         self._mean(out)

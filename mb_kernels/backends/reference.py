@@ -108,6 +108,14 @@ def combine(task_grads: torch.Tensor, weights: torch.Tensor, layout: FlatLayout,
     torch._foreach_copy_(list(out.split(layout.sizes)), combined)
 
 
+def update_and_weigh(norm_ema: torch.Tensor, norms: torch.Tensor, hyper: Hyperparameters) -> torch.Tensor:
+    """The moving-average step from this step's norms ``[P, T]`` (in place) and the weights ``[P, T]`` from the
+    updated averages: what every torch-op path (reference, DDP low_comm, sparse tables) runs between norms and
+    combination."""
+    update_norm_ema(norm_ema, norms.to(norm_ema.dtype), hyper.beta)
+    return balance_weights(norm_ema, hyper.relax_factor, hyper.strategy)
+
+
 def balance_torch(
     task_grads: torch.Tensor,
     norm_ema: torch.Tensor,
@@ -118,6 +126,5 @@ def balance_torch(
     """Reference backend (:class:`~mb_kernels.backends.contract.BalanceFn`): ``task_grads`` [T, N] (read),
     ``norm_ema`` [P, T] (updated), ``out`` [N] (written)."""
     strategy_index(hyper.strategy)  # validates before anything is written
-    norms = tensor_norms(task_grads, layout)
-    update_norm_ema(norm_ema, norms.to(norm_ema.dtype), hyper.beta)
-    combine(task_grads, balance_weights(norm_ema, hyper.relax_factor, hyper.strategy), layout, out)
+    weights = update_and_weigh(norm_ema, tensor_norms(task_grads, layout), hyper)
+    combine(task_grads, weights, layout, out)

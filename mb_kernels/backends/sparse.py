@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .contract import Hyperparameters, state_dtype
-from .reference import balance_weights, update_norm_ema
+from .reference import update_and_weigh
 
 
 def sparse_norms(task_grads: list[torch.Tensor | None], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -34,8 +34,7 @@ def balance_sparse(
     """Update ``norm_ema`` (``[T]``, in place) and return the balanced sparse gradient (None if no task reached the
     table). ``task_grads``: one coalesced sparse COO tensor (or None) per task."""
     norms = sparse_norms(task_grads, norm_ema.dtype, norm_ema.device)
-    update_norm_ema(norm_ema, norms, hyper.beta)
-    weights = balance_weights(norm_ema[None, :], hyper.relax_factor, hyper.strategy)[0]
+    weights = update_and_weigh(norm_ema[None, :], norms[None, :], hyper)[0]
     present = [(t, g) for t, g in enumerate(task_grads) if g is not None]
     if not present:
         return None

@@ -334,23 +334,20 @@ def balance_triton(
         )
         return
     device = task_grads.device
-    args = (
-        task_grads,
-        norm_ema,
-        out,
-        plan.chunk_table,
-        plan.block,
-        plan.size_align,
-        plan.partials,
-        plan.ema_old,
-        hyper.relax_factor,
-        hyper.beta,
-        strategy,
-        plan.compiled,
-    )
     # Triton launches on the current CUDA device: switch only when the tensors live elsewhere.
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            _launch(*args)
-    else:
-        _launch(*args)
+    switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
+        _launch(
+            task_grads,
+            norm_ema,
+            out,
+            plan.chunk_table,
+            plan.block,
+            plan.size_align,
+            plan.partials,
+            plan.ema_old,
+            hyper.relax_factor,
+            hyper.beta,
+            strategy,
+            plan.compiled,
+        )
