@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -262,6 +263,39 @@ def run_timed(benchmark, call: Callable[[], None], device: str, min_rounds: int 
         end.synchronize()
         benchmark.extra_info["device_time_s"] = begin.elapsed_time(end) / 1e3 / count
         benchmark.extra_info["device_time_calls"] = count
+
+
+def run_interleaved(
+    benchmark, steps: dict[str, Callable[[], None]], device: str, min_rounds: int, max_rounds: int
+) -> dict[str, dict]:
+    """Run every step once per round, in a rotating order, so that slow phases of a shared machine hit every variant
+    alike; rounds are sized on a warm round (after one warm-up). Returns per-step min and median seconds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+
+    def one_round():
+        order.append(order.pop(0))
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+
+    if QUICK:
+        benchmark.pedantic(one_round, rounds=1, iterations=1)
+    else:
+        one_round()  # warm-up: lazy state, allocator, compilation
+        start = time.perf_counter()
+        one_round()
+        per_round = time.perf_counter() - start
+        for values in times.values():
+            values.clear()
+        rounds = int(min(max_rounds, max(min_rounds, 4 * budget_s(device) / per_round)))
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    return {
+        name: {"min": min(values), "median": statistics.median(values), "steps": len(values)}
+        for name, values in times.items()
+    }
 
 
 def median_s(benchmark) -> float | None:

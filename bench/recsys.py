@@ -48,9 +48,19 @@ def build_model(device: str, quick: bool, materialize: bool = True) -> tuple[nn.
     return model, f"experiments.recsys.model, {users} users x {items} items"
 
 
-def random_batches(batch_size: int, count: int, device: str, quick: bool, seed: int = 0):
-    """``count`` batches of (users, items, labels[B, 3]); label rates like purchase < cart < click."""
+def random_batches(
+    batch_size: int,
+    count: int,
+    device: str,
+    quick: bool,
+    seed: int = 0,
+    num_users: int | None = None,
+    num_items: int | None = None,
+):
+    """``count`` batches of (users, items, labels[B, 3]); label rates like purchase < cart < click. Ids span the
+    bench network's tables unless ``num_users`` / ``num_items`` say otherwise."""
     users, items = (QUICK_USERS, QUICK_ITEMS) if quick else (NUM_USERS, NUM_ITEMS)
+    users, items = num_users or users, num_items or items
     gen = torch.Generator().manual_seed(seed)
     rates = torch.tensor([0.1, 0.5, 0.3])
     batches = []

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import statistics
-import time
 
 import pytest
 import torch
@@ -162,29 +160,5 @@ def test_train_step_interleaved(benchmark, device, batch_size):
         variant_info: dict = {}
         steps[name] = _make_step(device, name, copy.deepcopy(model), batches, variant_info, compare_rechub=False)
         backends[name] = variant_info.get("backend")
-    times: dict[str, list[float]] = {name: [] for name in names}
-    order = list(names)
-
-    def one_round():
-        order.append(order.pop(0))
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            common.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-
-    if common.QUICK:
-        benchmark.pedantic(one_round, rounds=1, iterations=1)
-    else:
-        start = time.perf_counter()
-        one_round()  # warm-up: lazy state, allocator, Triton compilation
-        one_round()
-        per_round = (time.perf_counter() - start) / 2
-        for values in times.values():
-            values.clear()
-        rounds = int(min(60, max(7, 4 * common.budget_s(device) / per_round)))
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    info["interleaved"] = {
-        name: {"min": min(values), "median": statistics.median(values), "steps": len(values), "backend": backends[name]}
-        for name, values in times.items()
-    }
+    rows = common.run_interleaved(benchmark, steps, device, min_rounds=7, max_rounds=60)
+    info["interleaved"] = {name: {**row, "backend": backends[name]} for name, row in rows.items()}

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import statistics
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from bench import common
-from bench.recsys import NUM_TASKS, task_losses, task_losses_and_shared
+from bench.recsys import NUM_TASKS, random_batches, task_losses, task_losses_and_shared
 from experiments.recsys.model import MultiTaskNCF
 from mb_kernels import MetaBalance
 
@@ -41,18 +39,6 @@ def _model(device: str, rows: int, sparse: bool) -> nn.Module:
     for table in (model.user_mf, model.item_mf, model.user_mlp, model.item_mlp):
         table.sparse = sparse
     return model.train()
-
-
-def _batches(rows: int, batch_size: int, device: str, count: int = 8):
-    gen = torch.Generator().manual_seed(1)
-    rates = torch.tensor([0.1, 0.5, 0.3])
-    out = []
-    for _ in range(count):
-        users = torch.randint(0, rows, (batch_size,), generator=gen)
-        items = torch.randint(0, rows, (batch_size,), generator=gen)
-        labels = (torch.rand(batch_size, NUM_TASKS, generator=gen) < rates).float()
-        out.append((users.to(device), items.to(device), labels.to(device)))
-    return out
 
 
 def _step(variant: str, model: nn.Module, batches):
@@ -89,36 +75,11 @@ def _step(variant: str, model: nn.Module, batches):
 )
 def test_large_tables_interleaved(benchmark, device, batch_size):
     rows = table_rows(device)
-    batches = _batches(rows, batch_size, device)
+    batches = random_batches(batch_size, 8, device, quick=False, seed=1, num_users=rows, num_items=rows)
     dense, sparse = _model(device, rows, False), _model(device, rows, True)
     steps = {v: _step(v, copy.deepcopy(sparse if "sparse" in v else dense), batches) for v in VARIANTS}
     del dense, sparse
     benchmark.group = f"tables {device} batch={batch_size}"
     info = benchmark.extra_info
     info.update(kind="tables-interleaved", device=device, batch=batch_size, rows=rows, tasks=NUM_TASKS)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
-
-    def one_round():
-        order.append(order.pop(0))
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            common.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-
-    if common.QUICK:
-        benchmark.pedantic(one_round, rounds=1, iterations=1)
-    else:
-        one_round()  # warm-up: lazy state, allocator, compilation
-        start = time.perf_counter()
-        one_round()
-        per_round = time.perf_counter() - start
-        for values in times.values():
-            values.clear()
-        rounds = int(min(30, max(5, 4 * common.budget_s(device) / per_round)))
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    info["interleaved"] = {
-        name: {"min": min(values), "median": statistics.median(values), "steps": len(values)}
-        for name, values in times.items()
-    }
+    info["interleaved"] = common.run_interleaved(benchmark, steps, device, min_rounds=5, max_rounds=30)
