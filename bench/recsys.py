@@ -30,11 +30,13 @@ def task_losses(model: nn.Module, batch) -> list[torch.Tensor]:
 
 def task_losses_and_shared(model: nn.Module, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The same losses as :func:`task_losses`, with the shared representation the towers take (for
-    ``MetaBalance.step(losses, shared_output=h)``)."""
+    ``MetaBalance.step(losses, shared_output=h)``). Each loss reads its own tower's logit, as experiments.recsys.train
+    does: concatenating the towers' logits first would make every task's backward run every tower (T² tower passes)."""
     users, items, labels = batch
     h = model.shared(users, items)
-    logits = torch.cat([tower(h) for tower in model.towers], dim=-1)
-    losses = [F.binary_cross_entropy_with_logits(logits[:, t], labels[:, t]) for t in range(labels.shape[1])]
+    losses = [
+        F.binary_cross_entropy_with_logits(tower(h).squeeze(-1), labels[:, t]) for t, tower in enumerate(model.towers)
+    ]
     return losses, h
 
 

@@ -25,6 +25,7 @@ import torch
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
+from .tables import RowTable
 
 
 class Bucket:
@@ -52,20 +53,6 @@ class Bucket:
 
     def combined_views(self, out: torch.Tensor) -> list[torch.Tensor]:
         return [seg.view(p.shape) for seg, p in zip(out.split(self.layout.sizes), self.params)]
-
-
-class SparseTable:
-    """A balanced embedding table whose gradients come sparse (``nn.Embedding``/``nn.EmbeddingBag`` with
-    ``sparse=True``): each task's gradient is kept as a coalesced sparse tensor (duplicate rows summed) instead of a
-    dense ``[V, d]`` workspace row, so a step costs O(T·B·d) plus a sort of the ids, never O(T·V·d)."""
-
-    def __init__(self, param: torch.Tensor, num_tasks: int, norm_ema_row: torch.Tensor | None):
-        self.param = param
-        self.num_tasks = num_tasks
-        self.norm_ema = torch.zeros(num_tasks, dtype=state_dtype(param.dtype), device=param.device)
-        if norm_ema_row is not None:
-            self.norm_ema.copy_(norm_ema_row)
-        self.task_grads: list[torch.Tensor | None] = [None] * num_tasks
 
 
 def leaf_edges(roots: Sequence[torch.Tensor]):
@@ -98,16 +85,18 @@ def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int])
     }
 
 
-def _collect_tables(tables: Sequence[SparseTable], task: int) -> None:
-    """Keep this pass's sparse gradients of the tables, coalesced; reset ``.grad``."""
+def _collect_tables(tables: Sequence[RowTable], task: int) -> None:
+    """Keep this pass's sparse gradients of the tables as (ids, rows) of task ``task``; reset ``.grad``."""
     for table in tables:
         g = table.param.grad
-        if g is not None and g.layout == torch.strided:
+        if g is None:
+            continue
+        if g.layout == torch.strided:
             raise TypeError(
                 f"MetaBalance: the table of shape {tuple(table.param.shape)} received a dense gradient after sparse "
                 "ones; a table must get sparse gradients only (sparse=True in every lookup, no other use)"
             )
-        table.task_grads[task] = None if g is None else g.coalesce()
+        table.add_task_rows(task, g._indices()[0], g._values())
         table.param.grad = None
 
 
@@ -142,9 +131,10 @@ def _edge(tensor: torch.Tensor) -> tuple:
 
 def walk_graph(
     roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()
-) -> tuple[list[torch.Tensor], list[bool]]:
+) -> tuple[list[torch.Tensor], list[bool], set]:
     """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``: the leaf
-    tensors found (AccumulateGrad nodes; each once), and which of ``cut_at`` were reached. Reads no values."""
+    tensors found (AccumulateGrad nodes; each once), which of ``cut_at`` were reached, and the nodes visited. Reads
+    no values."""
     cut = {_edge(h): i for i, h in enumerate(cut_at)}
     reached_cut = [False] * len(cut_at)
     seen: set = set()
@@ -171,7 +161,7 @@ def walk_graph(
                 reached_cut[cut[(child, output_nr)]] = True
             else:
                 stack.append(child)
-    return list(leaves.values()), reached_cut
+    return list(leaves.values()), reached_cut, seen
 
 
 def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -195,7 +185,7 @@ class Capture:
     """The per-task gradients of one step, captured into the buckets' workspaces, and the ``.grad`` from before
     the step of every leaf the losses reach (set aside while the passes run)."""
 
-    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor], tables: Sequence[SparseTable] = ()):
+    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor], tables: Sequence[RowTable] = ()):
         self.buckets = list(buckets)
         self.tables = list(tables)
         self.tables_saved = [table.param.grad for table in self.tables]
@@ -242,11 +232,16 @@ class Capture:
         for p, g in fresh:
             p.grad = g
         for table, had, g in zip(self.tables, self.tables_saved, table_grads):
-            table.param.grad = had if g is None else (g if had is None else had + g)
+            if g is None or had is None:
+                table.param.grad = had if g is None else g
+            elif had.layout == torch.strided and g.layout == torch.strided:
+                table.param.grad = had.add_(g)  # in place, as autograd accumulates a dense gradient
+            else:
+                table.param.grad = had + g
 
 
 def capture_task_grads(
-    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[SparseTable] = ()
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[RowTable] = ()
 ) -> Capture:
     """Run one backward per task, filling every bucket's workspace (see the module docstring).
 

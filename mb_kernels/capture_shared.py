@@ -2,86 +2,62 @@
 
 Each loss is backpropagated through its own tower only, down to ``h``; one batched backward (``is_grads_batched``,
 vmap over the task dimension) then carries the T cotangents at ``h`` through the shared bottom. Embedding lookups of
-balanced tables are cut at their rows (``GradientEdge``), so no dense ``[V, d]`` embedding backward runs per task.
-The ``.grad`` lifecycle, the workspaces and the sparse tables are :mod:`mb_kernels.capture`'s; docs/design.md §4
-gives the design.
+balanced tables are cut at their rows (``GradientEdge``), so no dense ``[V, d]`` embedding backward runs per task;
+the rows go to :class:`~mb_kernels.tables.RowTable` (balanced by rows, dense or sparse result). The ``.grad``
+lifecycle and the workspaces are :mod:`mb_kernels.capture`'s; docs/design.md §4 gives the design.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .capture import Bucket, Capture, SparseTable, leaf_edges, reached_leaves, walk_graph
+from .capture import Bucket, Capture, leaf_edges, walk_graph
+from .tables import RowTable
 
 
-def _embedding_lookups(shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> dict[int, list]:
-    """Embedding lookups of balanced tables below ``shared`` whose table the bottom reaches through lookups only:
-    ``{id(table): [EmbeddingBackward node, ...]}``. The batched backward then stops at each lookup's output (a
-    ``[T, rows, d]`` gradient of the looked-up rows) instead of running the dense ``[V, d]`` embedding backward
-    once per task; the rows are added into the workspace by index (dense tables) or kept as a sparse gradient
-    (sparse tables). ``scale_grad_by_freq`` lookups are left to autograd."""
-    lookups: dict[int, list] = {}
-    other_parents: set[int] = set()
-    for node, leaf in leaf_edges(shared):
-        if id(leaf) not in balanced_ids:
-            continue
-        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
-        if is_lookup and leaf.dim() == 2:
-            lookups.setdefault(id(leaf), []).append(node)
-        else:
-            other_parents.add(id(leaf))
-    return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
+@dataclass
+class SharedPlan:
+    """What a step through ``shared`` needs from the graph, found before any backward (one walk above ``shared``,
+    one below): the tower leaves, the non-balanced leaves of the bottom, and the embedding lookups."""
+
+    shared: list[torch.Tensor]
+    towers: list[torch.Tensor]
+    bottom_others: list[torch.Tensor]
+    """Non-balanced leaves below ``shared`` (a tower parameter also used in the bottom is in both lists)."""
+    lookups: dict[int, list]
+    """``{id(table): [EmbeddingBackward node, ...]}``: balanced tables the bottom reaches through ``nn.Embedding``
+    lookups only. The batched backward stops at each lookup's output (a ``[T, rows, d]`` gradient of the looked-up
+    rows) instead of running the dense ``[V, d]`` embedding backward once per task. ``scale_grad_by_freq`` lookups
+    are left to autograd."""
+    separate_towers: bool
+    """No autograd node above ``shared`` is reached from two losses (towers kept apart, the losses distinct)."""
 
 
-def _lookup_rows(node, grad: torch.Tensor, width: int, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, width]``, the padding row left out (it gets
-    no gradient, as in autograd)."""
-    rows = node._saved_indices.reshape(-1)
-    grad = grad.reshape(num_tasks, -1, width)
-    if node._saved_padding_idx >= 0:
-        keep = rows != node._saved_padding_idx
-        rows, grad = rows[keep], grad[:, keep]
-    return rows, grad
-
-
-def _rows_to_sparse(table: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], task: int):
-    """Task ``task``'s gradient of ``table`` from its lookups' ``(rows, [T, k, d] grads)``: a coalesced sparse tensor
-    (duplicate ids summed), or None if no lookup got one."""
-    if not parts:
-        return None
-    index = torch.cat([rows for rows, _ in parts])[None, :]
-    values = torch.cat([grads[task] for _, grads in parts])
-    return torch.sparse_coo_tensor(index, values, table.shape, check_invariants=False).coalesce()
-
-
-def capture_task_grads_through(
-    losses: Sequence[torch.Tensor],
-    buckets: Sequence[Bucket],
-    shared: Sequence[torch.Tensor],
-    tables: Sequence[SparseTable] = (),
-) -> Capture:
-    """Per-task gradients of the balanced parameters through the shared representation ``shared`` (tensors
-    through which every path from every loss to every balanced parameter passes).
-
-    Each loss is backpropagated through its own tower only, down to ``shared`` (the towers' parameters collect
-    the plain sum, as in :func:`capture_task_grads`); then one batched backward (``is_grads_batched``: vmap over
-    the task dimension) carries the T cotangents at ``shared`` through the shared bottom into every balanced
-    parameter's per-task gradient. Exact per-task gradients, no subtraction. The last tower pass runs from all
-    losses (zero seeds but the last) without retaining, and the bottom pass does not retain either, so no graph
-    survives the step. Everything checkable is checked before the first backward.
-    """
-    balanced = [p for bucket in buckets for p in bucket.params]
-    balanced_ids = {id(p) for p in balanced} | {id(table.param) for table in tables}
+def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
+    """Check that ``shared`` separates the losses from the balanced parameters and find the lookups; raises
+    ValueError (nothing touched) when it does not."""
     for i, h in enumerate(shared):
         if not isinstance(h, torch.Tensor) or not h.requires_grad or h.grad_fn is None:
             raise ValueError(
                 f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
                 "(the shared bottom's output), with its graph (not detached, not a leaf)"
             )
-    above, reached_shared = walk_graph(losses, shared)
+    # Each loss's graph above `shared` on its own: whether the towers share any node decides how the tower
+    # passes free the graph (capture_task_grads_through).
+    above: dict[int, torch.Tensor] = {}
+    reached_shared = [False] * len(shared)
+    nodes_per_loss = []
+    for loss in losses:
+        leaves, reached, nodes = walk_graph([loss], shared)
+        above.update((id(leaf), leaf) for leaf in leaves)
+        reached_shared = [a or b for a, b in zip(reached_shared, reached)]
+        nodes_per_loss.append(nodes)
+    separate_towers = sum(map(len, nodes_per_loss)) == len(set().union(*nodes_per_loss))
+    above = list(above.values())
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
     if leaking:
@@ -93,11 +69,54 @@ def capture_task_grads_through(
         )
     if not any(reached_shared):
         raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
-    below = reached_leaves(shared)
-    if not any(id(leaf) in balanced_ids for leaf in below):
+    below: dict[int, torch.Tensor] = {}
+    lookups: dict[int, list] = {}
+    other_parents: set[int] = set()
+    for node, leaf in leaf_edges(shared):
+        below.setdefault(id(leaf), leaf)
+        if id(leaf) not in balanced_ids:
+            continue
+        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
+        if is_lookup and leaf.dim() == 2:
+            lookups.setdefault(id(leaf), []).append(node)
+        else:
+            other_parents.add(id(leaf))
+    if not any(key in balanced_ids for key in below):
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
-    bottom_others = [leaf for leaf in below if id(leaf) not in balanced_ids]
-    lookups = _embedding_lookups(shared, balanced_ids)
+    bottom_others = [leaf for key, leaf in below.items() if key not in balanced_ids]
+    lookups = {key: nodes for key, nodes in lookups.items() if key not in other_parents}
+    return SharedPlan(list(shared), towers, bottom_others, lookups, separate_towers)
+
+
+def _lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, d]``. Ids of the padding row become the table's
+    row count (no row: :func:`~mb_kernels.tables.group_rows` drops them) with zero gradients, as autograd gives the
+    padding row none; masking instead of removing keeps the shapes independent of the ids (no host sync)."""
+    rows = node._saved_indices.reshape(-1)
+    grad = grad.reshape(num_tasks, -1, table.shape[1])
+    if node._saved_padding_idx >= 0:
+        padding = rows == node._saved_padding_idx
+        rows = torch.where(padding, table.shape[0], rows)
+        grad = torch.where(padding[None, :, None], torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+    return rows, grad
+
+
+def capture_task_grads_through(
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], plan: SharedPlan, tables: Sequence[RowTable] = ()
+) -> Capture:
+    """Per-task gradients of the balanced parameters through the shared representation ``plan.shared`` (tensors
+    through which every path from every loss to every balanced parameter passes; :func:`plan_through` checked it).
+
+    Each loss is backpropagated through its own tower only, down to ``shared`` (the towers' parameters collect
+    the plain sum, as in :func:`capture_task_grads`); then one batched backward (``is_grads_batched``: vmap over
+    the task dimension) carries the T cotangents at ``shared`` through the shared bottom into every balanced
+    parameter's per-task gradient; lookups of the tables are cut at their rows, which go to the tables. Exact
+    per-task gradients, no subtraction. No graph survives the step: with separate towers no pass retains the graph;
+    otherwise the last tower pass runs from all losses (zero seeds but the last) without retaining; the bottom pass
+    never retains.
+    """
+    shared, towers, bottom_others, lookups = plan.shared, plan.towers, plan.bottom_others, plan.lookups
+    balanced = [p for bucket in buckets for p in bucket.params]
     for table in tables:
         if id(table.param) not in lookups:
             raise ValueError(
@@ -105,7 +124,8 @@ def capture_task_grads_through(
                 "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
                 "lookups only. Call step(losses) without shared_output for this model."
             )
-    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in {id(t) for t in towers}], tables)
+    tower_ids = {id(p) for p in towers}
+    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in tower_ids], tables)
     for p in capture.others:
         p.grad = None
     for table in tables:
@@ -118,7 +138,10 @@ def capture_task_grads_through(
         per_task_h: list[list[torch.Tensor | None]] = []
         tower_sums: list[torch.Tensor | None] = [None] * len(towers)
         for task, loss in enumerate(losses):
-            if task < last:
+            if plan.separate_towers:
+                # Each pass runs its own tower's nodes only, once: none needs to be retained.
+                grads = torch.autograd.grad(loss, tower_inputs, allow_unused=True)
+            elif task < last:
                 grads = torch.autograd.grad(loss, tower_inputs, retain_graph=True, allow_unused=True)
             else:
                 # From every root, zero seeds but the last: every tower node runs once more without retain.
@@ -153,7 +176,7 @@ def capture_task_grads_through(
 
         def lookup_rows(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             found = [(node, row_grads[node]) for node in lookups[id(p)]]
-            return [_lookup_rows(node, g, p.shape[1], num_tasks) for node, g in found if g is not None]
+            return [_lookup_rows(node, g, p, num_tasks) for node, g in found if g is not None]
 
         with torch.no_grad():
             for bucket, hit in zip(buckets, capture.reached):
@@ -161,11 +184,12 @@ def capture_task_grads_through(
                 for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
                     block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
                     start += size
-                    if id(p) in lookups:
+                    if id(p) in lookups:  # a table kept in the workspace (under DDP, which reduces workspaces)
                         block.zero_()
                         table = block.view(num_tasks, p.shape[0], p.shape[1])
                         for rows, g in lookup_rows(p):
-                            table.index_add_(1, rows, g.to(table.dtype))
+                            # Padding ids (== row count) carry zero gradients: any in-range row takes them.
+                            table.index_add_(1, rows.clamp(max=p.shape[0] - 1), g.to(table.dtype))
                             hit[i] = True
                         continue
                     g = dense_grads[id(p)]
@@ -175,8 +199,8 @@ def capture_task_grads_through(
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     hit[i] = g is not None
             for table in tables:
-                parts = lookup_rows(table.param)
-                table.task_grads = [_rows_to_sparse(table.param, parts, t) for t in range(num_tasks)]
+                for rows, g in lookup_rows(table.param):
+                    table.add_shared_rows(rows, g)
             for p, g in zip(towers, tower_sums):
                 p.grad = g
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

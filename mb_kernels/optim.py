@@ -12,11 +12,11 @@ import torch
 
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
-from .backends.sparse import balance_sparse
-from .capture import Bucket, SparseTable, capture_task_grads, sparse_gradient_params
-from .capture_shared import capture_task_grads_through
+from .capture import Bucket, capture_task_grads, sparse_gradient_params
+from .capture_shared import capture_task_grads_through, plan_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
+from .tables import RowTable
 
 _STATE_KEY = "norm_ema"
 # Saved with each parameter's state, so that a state loaded into parameters in another order is detected.
@@ -80,8 +80,9 @@ class MetaBalance(torch.optim.Optimizer):
         self._backend_request = backend
         self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
-        self._tables: list[tuple[dict, SparseTable]] = []
-        self._built_for: int | None = None  # the task count the buckets were built for
+        self._tables: list[tuple[dict, RowTable]] = []
+        # (task count, ids of the dense tables balanced by rows) the buckets and tables were built for
+        self._built_for: tuple[int, frozenset[int]] | None = None
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
         super().__init__(params, defaults)
         self._ddp: DistributedSync | None = None
@@ -210,16 +211,17 @@ class MetaBalance(torch.optim.Optimizer):
 
     # ---- state ---------------------------------------------------------------------------------------
     def _build_buckets(
-        self, num_tasks: int, sparse_ids: set[int]
-    ) -> tuple[list[tuple[dict, Bucket]], list[tuple[dict, SparseTable]]]:
-        """Dense buckets per (group, device, dtype), and one sparse table per parameter in ``sparse_ids``."""
+        self, num_tasks: int, sparse_ids: set[int], dense_row_ids: frozenset[int]
+    ) -> tuple[list[tuple[dict, Bucket]], list[tuple[dict, RowTable]]]:
+        """Dense buckets per (group, device, dtype), and a table balanced by rows for each parameter in
+        ``sparse_ids`` (sparse result) or ``dense_row_ids`` (dense result)."""
         buckets, tables = [], []
         for group in self.param_groups:
             by_key: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 row = self.state[p].get(_STATE_KEY) if p in self.state else None
-                if id(p) in sparse_ids:
-                    tables.append((group, SparseTable(p, num_tasks, row)))
+                if id(p) in sparse_ids or id(p) in dense_row_ids:
+                    tables.append((group, RowTable(p, num_tasks, row, sparse_output=id(p) in sparse_ids)))
                 else:
                     by_key.setdefault((p.device, p.dtype), []).append(p)
             for params in by_key.values():
@@ -227,14 +229,14 @@ class MetaBalance(torch.optim.Optimizer):
                 buckets.append((group, Bucket(params, num_tasks, rows)))
         return buckets, tables
 
-    def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, SparseTable]]) -> None:
+    def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, RowTable]]) -> None:
         """Point each parameter's optimizer state at its row of the moving averages."""
         for _, bucket in buckets:
             for p, view in zip(bucket.params, bucket.norm_ema_views()):
                 self.state[p][_STATE_KEY] = view
                 self.state[p][_SHAPE_KEY] = tuple(p.shape)
         for _, table in tables:
-            self.state[table.param][_STATE_KEY] = table.norm_ema
+            self.state[table.param][_STATE_KEY] = table.norm_ema[0]
             self.state[table.param][_SHAPE_KEY] = tuple(table.param.shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -327,22 +329,32 @@ class MetaBalance(torch.optim.Optimizer):
             _check_hyperparameters(group)
         losses = self._check_losses(losses)
         num_tasks = len(losses)
+        balanced = {id(p) for group in self.param_groups for p in group["params"]}
+        plan = None
+        if shared_output is not None:
+            shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
+            plan = plan_through(losses, shared, balanced)
+        # With shared_output, tables reached by lookups only are balanced by their rows (no [T, V, d] workspace);
+        # not under DDP, which all-reduces whole per-task gradients.
+        lookup_tables = frozenset(plan.lookups) if plan is not None and self._ddp is None else frozenset()
         buckets_with_groups, tables_with_groups = self._buckets, self._tables
-        fresh = buckets_with_groups is None or self._built_for != num_tasks
+        fresh = buckets_with_groups is None or self._built_for != (num_tasks, lookup_tables)
         if fresh:
-            balanced = {id(p) for group in self.param_groups for p in group["params"]}
             sparse_ids = sparse_gradient_params(losses, balanced)
             if sparse_ids and self._ddp is not None:
                 raise ValueError("MetaBalance: sparse embedding tables are not supported under DDP yet")
-            buckets_with_groups, tables_with_groups = self._build_buckets(num_tasks, sparse_ids)
+            buckets_with_groups, tables_with_groups = self._build_buckets(
+                num_tasks, sparse_ids, lookup_tables - sparse_ids
+            )
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]
-        if shared_output is None:
+        for table in tables:
+            table.clear()
+        if plan is None:
             capture = capture_task_grads(losses, buckets, tables)
         else:
-            shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
-            capture = capture_task_grads_through(losses, buckets, shared, tables)
+            capture = capture_task_grads_through(losses, buckets, plan, tables)
         table_grads: list[torch.Tensor | None] = []
         try:
             with torch.no_grad():
@@ -358,13 +370,13 @@ class MetaBalance(torch.optim.Optimizer):
                         bucket.task_grads, bucket.norm_ema, combined, bucket.layout, hyper
                     )
                     outputs.append(combined)
-                for group, table in tables_with_groups:
+                for group, table in tables_with_groups:  # never under DDP: the plain backend
                     beta = group["beta"] if update_averages else 1.0
                     hyper = Hyperparameters(group["relax_factor"], beta, group["strategy"])
-                    table_grads.append(balance_sparse(table.task_grads, table.norm_ema, hyper))
+                    table_grads.append(table.balance(self._backends[table.param.device.type][1], hyper))
                 if self._skip_nonfinite_steps:
                     emas = [b.norm_ema for b in buckets] + [table.norm_ema for table in tables]
-                    results = outputs + [g._values() for g in table_grads if g is not None]
+                    results = outputs + [g._values() if g.is_sparse else g for g in table_grads if g is not None]
                     _revert_ema_if_nonfinite(emas, results, previous_ema)
         except BaseException:
             for ema, old in zip([b.norm_ema for b in buckets] + [t.norm_ema for t in tables], previous_ema):
@@ -373,23 +385,25 @@ class MetaBalance(torch.optim.Optimizer):
             raise
         finally:
             for table in tables:
-                table.task_grads = [None] * table.num_tasks  # drop this step's gradients
+                table.clear()  # drop this step's rows
         capture.commit(outputs, table_grads)
         if fresh:
-            self._buckets, self._tables, self._built_for = buckets_with_groups, tables_with_groups, num_tasks
+            self._buckets, self._tables = buckets_with_groups, tables_with_groups
+            self._built_for = (num_tasks, lookup_tables)
             self._store_state(buckets_with_groups, tables_with_groups)
-            self._warn_if_target_never_reaches(buckets_with_groups)
+            self._warn_if_target_never_reaches(
+                [(b.norm_ema, b.params) for b in buckets] + [(t.norm_ema, [t.param]) for t in tables]
+            )
 
-    def _warn_if_target_never_reaches(self, buckets_with_groups: list[tuple[dict, Bucket]]) -> None:
+    def _warn_if_target_never_reaches(self, emas_and_params: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
         """After the first step of a layout (one host read, once): warn when a balanced tensor has m_0 == 0 but
         an auxiliary m_t > 0, the sign of balancing a tower (model.parameters() passed in)."""
         names = []
-        for _, bucket in buckets_with_groups:
-            ema = bucket.norm_ema
+        for ema, params in emas_and_params:
             if ema.shape[1] < 2:
                 continue
             suspicious = ((ema[:, 0] == 0) & (ema[:, 1:] > 0).any(dim=1)).nonzero().flatten().tolist()
-            names += [f"{tuple(bucket.params[i].shape)}" for i in suspicious]
+            names += [f"{tuple(params[i].shape)}" for i in suspicious]
         if names:
             warnings.warn(
                 f"MetaBalance: {len(names)} balanced tensor(s) (shapes {', '.join(names[:5])}) get gradient from "
@@ -418,8 +432,8 @@ class MetaBalance(torch.optim.Optimizer):
             for i, p in enumerate(bucket.params):
                 rows.append({"param": p, "norm_ema": bucket.norm_ema[i].clone(), "weights": weights[i].clone()})
         for group, table in self._tables:
-            weights = balance_weights(table.norm_ema[None, :], group["relax_factor"], group["strategy"])[0]
-            rows.append({"param": table.param, "norm_ema": table.norm_ema.clone(), "weights": weights})
+            weights = balance_weights(table.norm_ema, group["relax_factor"], group["strategy"])[0]
+            rows.append({"param": table.param, "norm_ema": table.norm_ema[0].clone(), "weights": weights})
         return rows
 
 

@@ -163,12 +163,14 @@ def test_existing_grads_accumulate_as_with_the_plain_step():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)
 
 
-def test_no_graph_survives_the_step():
-    model = SharedBottom()
+@pytest.mark.parametrize("model_cls", [SharedBottom, TwoOutputs])  # separate towers; a head shared by the losses
+def test_no_graph_survives_the_step(model_cls):
+    model = model_cls()
     mb = MetaBalance(model.shared_parameters(), fused=False)
     losses, h = model.losses(*_batch(0))
     mb.step(losses, shared_output=h)
-    for root in (losses[0], h.sum()):
+    shared = [h] if isinstance(h, torch.Tensor) else list(h)
+    for root in (*losses, *(s.sum() for s in shared)):
         with pytest.raises(RuntimeError, match=r"backward through the graph a second time|freed"):
             root.backward()
 
@@ -208,10 +210,51 @@ def test_bad_shared_output_raises_before_touching_anything(case):
 
 
 def test_lookups_are_cut_at_their_rows_only_where_that_is_exact():
-    from mb_kernels.capture_shared import _embedding_lookups
+    from mb_kernels.capture_shared import plan_through
 
     model = EmbeddingCases()
-    _, h = model.losses(*_batch(0))
-    lookups = _embedding_lookups([h], {id(p) for p in model.shared_parameters()})
+    losses, h = model.losses(*_batch(0))
+    lookups = plan_through(losses, [h], {id(p) for p in model.shared_parameters()}).lookups
     assert set(lookups) == {id(model.padded.weight)}  # tied: reached around its lookup; by_freq: scaled rows
     assert len(lookups[id(model.padded.weight)]) == 2
+
+
+def test_looked_up_tables_get_no_dense_per_task_workspace():
+    """With shared_output a table reached through lookups only is balanced by its rows: no [T, V, d] workspace."""
+    model = SharedBottom()
+    mb = MetaBalance(model.shared_parameters(), fused=None)
+    losses, h = model.losses(*_batch(0))
+    mb.step(losses, shared_output=h)
+    workspace = sum(bucket.task_grads.numel() for _, bucket in mb._buckets)
+    bottom = sum(p.numel() for p in model.bottom.parameters())
+    assert workspace == T * bottom
+    assert [table.param for _, table in mb._tables] == [model.embedding.weight]
+    assert model.embedding.weight.grad.layout == torch.strided
+
+
+def test_alternating_plain_and_shared_steps_continue_the_same_averages():
+    """The tables move between the workspace (plain step) and row balancing (shared_output) with their state."""
+    torch.manual_seed(4)
+    plain_model = TwoOutputs().double()
+    mixed_model = copy.deepcopy(plain_model)
+    plain_mb = MetaBalance(plain_model.shared_parameters(), fused=None)
+    mixed_mb = MetaBalance(mixed_model.shared_parameters(), fused=None)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.5)
+    mixed_opt = torch.optim.SGD(mixed_model.parameters(), lr=0.5)
+    for step in range(5):
+        items, labels = _batch(step)
+        plain_opt.zero_grad(set_to_none=True)
+        mixed_opt.zero_grad(set_to_none=True)
+        plain_mb.step(plain_model.losses(items, labels)[0])
+        losses, shared = mixed_model.losses(items, labels)
+        if step % 2:
+            mixed_mb.step(losses)
+        else:
+            mixed_mb.step(losses, shared_output=shared)
+        for p, q in zip(plain_model.parameters(), mixed_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)
+        for p, q in zip(plain_model.shared_parameters(), mixed_model.shared_parameters()):
+            torch.testing.assert_close(mixed_mb.state[q]["norm_ema"], plain_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        plain_opt.step()
+        mixed_opt.step()
+    assert mixed_mb.state_dict()["state"].keys() == plain_mb.state_dict()["state"].keys()
