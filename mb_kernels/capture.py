@@ -20,12 +20,13 @@ marks that step non-finite; its forward was non-finite already).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
-from .tables import RowTable
+from .tables import RowBucket
 
 
 class Bucket:
@@ -85,19 +86,20 @@ def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int])
     }
 
 
-def _collect_tables(tables: Sequence[RowTable], task: int) -> None:
+def _collect_tables(tables: Sequence[RowBucket], task: int) -> None:
     """Keep this pass's sparse gradients of the tables as (ids, rows) of task ``task``; reset ``.grad``."""
-    for table in tables:
-        g = table.param.grad
-        if g is None:
-            continue
-        if g.layout == torch.strided:
-            raise TypeError(
-                f"MetaBalance: the table of shape {tuple(table.param.shape)} received a dense gradient after sparse "
-                "ones; a table must get sparse gradients only (sparse=True in every lookup, no other use)"
-            )
-        table.add_task_rows(task, g._indices()[0], g._values())
-        table.param.grad = None
+    for bucket in tables:
+        for i, p in enumerate(bucket.params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout == torch.strided:
+                raise TypeError(
+                    f"MetaBalance: the table of shape {tuple(p.shape)} received a dense gradient after sparse ones; a "
+                    "table must get sparse gradients only (sparse=True in every lookup, no other use)"
+                )
+            bucket.add_task_rows(i, task, g._indices()[0], g._values())
+            p.grad = None
 
 
 def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]]) -> None:
@@ -129,14 +131,25 @@ def _edge(tensor: torch.Tensor) -> tuple:
     return (tensor.grad_fn, tensor.output_nr)
 
 
-def walk_graph(
-    roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()
-) -> tuple[list[torch.Tensor], list[bool], set]:
-    """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``: the leaf
-    tensors found (AccumulateGrad nodes; each once), which of ``cut_at`` were reached, and the nodes visited. Reads
-    no values."""
+class GraphWalk(NamedTuple):
+    """What :func:`walk_graph` found."""
+
+    leaves: list[torch.Tensor]
+    """The leaf tensors (AccumulateGrad nodes), each once."""
+    reached_cut: list[bool]
+    """Which of the ``cut_at`` tensors were reached (a root that is one of them counts)."""
+    nodes: set
+    """The autograd nodes visited."""
+    cut_consumers: list[tuple[Any, int, int]]
+    """``(node, input index, cut index)`` for every edge from a visited node into a ``cut_at`` tensor."""
+
+
+def walk_graph(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = ()) -> GraphWalk:
+    """Walk the autograd graph from ``roots`` without crossing the edges into the tensors ``cut_at``. Reads no
+    values."""
     cut = {_edge(h): i for i, h in enumerate(cut_at)}
     reached_cut = [False] * len(cut_at)
+    consumers = []
     seen: set = set()
     leaves: dict[int, torch.Tensor] = {}
     stack = []
@@ -154,19 +167,20 @@ def walk_graph(
         if variable is not None:
             leaves.setdefault(id(variable), variable)
             continue
-        for child, output_nr in node.next_functions:
+        for index, (child, output_nr) in enumerate(node.next_functions):
             if child is None:
                 continue
             if (child, output_nr) in cut:
                 reached_cut[cut[(child, output_nr)]] = True
+                consumers.append((node, index, cut[(child, output_nr)]))
             else:
                 stack.append(child)
-    return list(leaves.values()), reached_cut, seen
+    return GraphWalk(list(leaves.values()), reached_cut, seen, consumers)
 
 
 def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into, each once."""
-    return walk_graph(losses)[0]
+    return walk_graph(losses).leaves
 
 
 def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -185,10 +199,12 @@ class Capture:
     """The per-task gradients of one step, captured into the buckets' workspaces, and the ``.grad`` from before
     the step of every leaf the losses reach (set aside while the passes run)."""
 
-    def __init__(self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor], tables: Sequence[RowTable] = ()):
+    def __init__(
+        self, buckets: Sequence[Bucket], others: Sequence[torch.Tensor], tables: Sequence[RowBucket] = ()
+    ) -> None:
         self.buckets = list(buckets)
-        self.tables = list(tables)
-        self.tables_saved = [table.param.grad for table in self.tables]
+        self.tables = [p for bucket in tables for p in bucket.params]
+        self.tables_saved = [p.grad for p in self.tables]
         self.saved = [[p.grad for p in bucket.params] for bucket in self.buckets]
         # Per bucket, which params any task reached (the others keep their .grad untouched, None included).
         self.reached = [[False] * len(bucket.params) for bucket in self.buckets]
@@ -202,12 +218,13 @@ class Capture:
                 p.grad = g
         for p, g in zip(self.others, self.others_saved):
             p.grad = g
-        for table, g in zip(self.tables, self.tables_saved):
-            table.param.grad = g
+        for p, g in zip(self.tables, self.tables_saved):
+            p.grad = g
 
     def commit(self, combined: Sequence[torch.Tensor], table_grads: Sequence[torch.Tensor | None] = ()) -> None:
-        """Accumulate each bucket's balanced gradient (flat ``[N]``) and the towers' sums onto the set-aside
-        ``.grad``; a parameter no task reached keeps its ``.grad`` (None stays None)."""
+        """Accumulate each bucket's balanced gradient (flat ``[N]``), each table's (in the order of the row
+        buckets' params; None: not reached) and the towers' sums onto the set-aside ``.grad``; a parameter no task
+        reached keeps its ``.grad`` (None stays None)."""
         accumulate_into, accumulate_from = [], []
         fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
         for bucket, out, prior, reached in zip(self.buckets, combined, self.saved, self.reached):
@@ -231,17 +248,17 @@ class Capture:
             torch._foreach_add_(accumulate_into, accumulate_from)
         for p, g in fresh:
             p.grad = g
-        for table, had, g in zip(self.tables, self.tables_saved, table_grads):
+        for p, had, g in zip(self.tables, self.tables_saved, table_grads):
             if g is None or had is None:
-                table.param.grad = had if g is None else g
+                p.grad = had if g is None else g
             elif had.layout == torch.strided and g.layout == torch.strided:
-                table.param.grad = had.add_(g)  # in place, as autograd accumulates a dense gradient
+                p.grad = had.add_(g)  # in place, as autograd accumulates a dense gradient
             else:
-                table.param.grad = had + g
+                p.grad = had + g
 
 
 def capture_task_grads(
-    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[RowTable] = ()
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[RowBucket] = ()
 ) -> Capture:
     """Run one backward per task, filling every bucket's workspace (see the module docstring).
 
@@ -249,12 +266,12 @@ def capture_task_grads(
     :meth:`Capture.commit` or :meth:`Capture.abort`; on error every ``.grad`` is restored before the exception
     propagates.
     """
-    balanced = {id(p) for bucket in buckets for p in bucket.params} | {id(table.param) for table in tables}
+    balanced = {id(p) for bucket in [*buckets, *tables] for p in bucket.params}
     capture = Capture(buckets, [leaf for leaf in reached_leaves(losses) if id(leaf) not in balanced], tables)
     for p in capture.others:
         p.grad = None
-    for table in tables:
-        table.param.grad = None
+    for p in capture.tables:
+        p.grad = None
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None

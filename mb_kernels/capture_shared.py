@@ -3,7 +3,7 @@
 Each loss is backpropagated through its own tower only, down to ``h``; one batched backward (``is_grads_batched``,
 vmap over the task dimension) then carries the T cotangents at ``h`` through the shared bottom. Embedding lookups of
 balanced tables are cut at their rows (``GradientEdge``), so no dense ``[V, d]`` embedding backward runs per task;
-the rows go to :class:`~mb_kernels.tables.RowTable` (balanced by rows, dense or sparse result). The ``.grad``
+the rows go to :class:`~mb_kernels.tables.RowBucket` (balanced by rows, dense or sparse result). The ``.grad``
 lifecycle and the workspaces are :mod:`mb_kernels.capture`'s; docs/design.md §4 gives the design.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .capture import Bucket, Capture, leaf_edges, walk_graph
-from .tables import RowTable
+from .tables import RowBucket
 
 
 @dataclass
@@ -33,8 +33,10 @@ class SharedPlan:
     lookups only. The batched backward stops at each lookup's output (a ``[T, rows, d]`` gradient of the looked-up
     rows) instead of running the dense ``[V, d]`` embedding backward once per task. ``scale_grad_by_freq`` lookups
     are left to autograd."""
-    separate_towers: bool
-    """No autograd node above ``shared`` is reached from two losses (towers kept apart, the losses distinct)."""
+    tower_consumers: list[list[tuple]] | None
+    """When no autograd function above ``shared`` is reached from two losses (towers apart, losses distinct): per
+    loss, the ``(node, input index, shared index)`` edges by which its graph takes ``shared``. Then one backward
+    from all losses gives every task's gradient at ``shared``, read at those edges. None otherwise."""
 
 
 def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
@@ -47,16 +49,18 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
                 "(the shared bottom's output), with its graph (not detached, not a leaf)"
             )
     # Each loss's graph above `shared` on its own: whether the towers share any node decides how the tower
-    # passes free the graph (capture_task_grads_through).
+    # gradients are taken (capture_task_grads_through).
     above: dict[int, torch.Tensor] = {}
     reached_shared = [False] * len(shared)
-    nodes_per_loss = []
-    for loss in losses:
-        leaves, reached, nodes = walk_graph([loss], shared)
-        above.update((id(leaf), leaf) for leaf in leaves)
-        reached_shared = [a or b for a, b in zip(reached_shared, reached)]
-        nodes_per_loss.append(nodes)
-    separate_towers = sum(map(len, nodes_per_loss)) == len(set().union(*nodes_per_loss))
+    walks = [walk_graph([loss], shared) for loss in losses]
+    for walk in walks:
+        above.update((id(leaf), leaf) for leaf in walk.leaves)
+        reached_shared = [a or b for a, b in zip(reached_shared, walk.reached_cut)]
+    cut_roots = {(h.grad_fn, h.output_nr) for h in shared} & {(loss.grad_fn, loss.output_nr) for loss in losses}
+    # A leaf shared by several towers (its AccumulateGrad node) is fine: it sums what the towers send it.
+    functions = [{node for node in walk.nodes if not hasattr(node, "variable")} for walk in walks]
+    separate = not cut_roots and sum(map(len, functions)) == len(set().union(*functions))
+    tower_consumers = [walk.cut_consumers for walk in walks] if separate else None
     above = list(above.values())
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
@@ -85,12 +89,12 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
     bottom_others = [leaf for key, leaf in below.items() if key not in balanced_ids]
     lookups = {key: nodes for key, nodes in lookups.items() if key not in other_parents}
-    return SharedPlan(list(shared), towers, bottom_others, lookups, separate_towers)
+    return SharedPlan(list(shared), towers, bottom_others, lookups, tower_consumers)
 
 
 def _lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, d]``. Ids of the padding row become the table's
-    row count (no row: :func:`~mb_kernels.tables.group_rows` drops them) with zero gradients, as autograd gives the
+    row count ("no row": :class:`~mb_kernels.tables.RowBucket` drops them) with zero gradients, as autograd gives the
     padding row none; masking instead of removing keeps the shapes independent of the ids (no host sync)."""
     rows = node._saved_indices.reshape(-1)
     grad = grad.reshape(num_tasks, -1, table.shape[1])
@@ -101,26 +105,75 @@ def _lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, num_tasks: int) 
     return rows, grad
 
 
+def _tower_gradients(
+    losses: Sequence[torch.Tensor],
+    shared: Sequence[torch.Tensor],
+    towers: Sequence[torch.Tensor],
+    consumers: list[list[tuple]] | None,
+) -> tuple[list[list[torch.Tensor | None]], list[torch.Tensor | None]]:
+    """Each task's gradient at every ``shared`` tensor (``[task][i]``, None: zero) and the towers' summed gradients,
+    freeing the graph above ``shared``.
+
+    With separate towers (``consumers`` given), one backward from all losses: a hook on each node that takes a
+    shared tensor reads the gradient it passes down, which belongs to the one loss whose graph holds the node
+    (holding a reference also keeps autograd from accumulating into it in place). Otherwise one pass per loss,
+    the last from every root (zero seeds but its own) without retaining, so every tower node runs once more
+    without retain and its buffers are freed."""
+    inputs = [*shared, *towers]
+    per_task_h: list[list[torch.Tensor | None]] = [[None] * len(shared) for _ in losses]
+    if consumers is not None:
+
+        def keep(task: int, index: int, i: int):
+            def hook(grad_inputs, grad_outputs):
+                g = grad_inputs[index]
+                if g is not None:
+                    per_task_h[task][i] = g if per_task_h[task][i] is None else per_task_h[task][i] + g
+
+            return hook
+
+        handles = [
+            node.register_hook(keep(t, index, i)) for t, edges in enumerate(consumers) for node, index, i in edges
+        ]
+        try:
+            grads = torch.autograd.grad(list(losses), inputs, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return per_task_h, list(grads[len(shared) :])
+    tower_sums: list[torch.Tensor | None] = [None] * len(towers)
+    last = len(losses) - 1
+    for task, loss in enumerate(losses):
+        if task < last:
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        else:
+            seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+            grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
+        per_task_h[task] = list(grads[: len(shared)])
+        for j, g in enumerate(grads[len(shared) :]):
+            if g is not None:
+                tower_sums[j] = g if tower_sums[j] is None else tower_sums[j] + g
+    return per_task_h, tower_sums
+
+
 def capture_task_grads_through(
-    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], plan: SharedPlan, tables: Sequence[RowTable] = ()
+    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], plan: SharedPlan, tables: Sequence[RowBucket] = ()
 ) -> Capture:
     """Per-task gradients of the balanced parameters through the shared representation ``plan.shared`` (tensors
     through which every path from every loss to every balanced parameter passes; :func:`plan_through` checked it).
 
-    Each loss is backpropagated through its own tower only, down to ``shared`` (the towers' parameters collect
-    the plain sum, as in :func:`capture_task_grads`); then one batched backward (``is_grads_batched``: vmap over
-    the task dimension) carries the T cotangents at ``shared`` through the shared bottom into every balanced
-    parameter's per-task gradient; lookups of the tables are cut at their rows, which go to the tables. Exact
-    per-task gradients, no subtraction. No graph survives the step: with separate towers no pass retains the graph;
-    otherwise the last tower pass runs from all losses (zero seeds but the last) without retaining; the bottom pass
-    never retains.
+    The towers are backpropagated down to ``shared`` (once, or once per loss when they share nodes; the towers'
+    parameters collect the plain sum, as in :func:`capture_task_grads`); then one batched backward
+    (``is_grads_batched``: vmap over the task dimension) carries the T cotangents at ``shared`` through the shared
+    bottom into every balanced parameter's per-task gradient; lookups of the tables are cut at their rows, which go
+    to the tables. Exact per-task gradients, no subtraction. No graph survives the step (:func:`_tower_gradients`;
+    the bottom pass does not retain).
     """
     shared, towers, bottom_others, lookups = plan.shared, plan.towers, plan.bottom_others, plan.lookups
     balanced = [p for bucket in buckets for p in bucket.params]
-    for table in tables:
-        if id(table.param) not in lookups:
+    for table in (p for bucket in tables for p in bucket.params):
+        if id(table) not in lookups:
             raise ValueError(
-                f"MetaBalance.step: the sparse table of shape {tuple(table.param.shape)} is reached other than by "
+                f"MetaBalance.step: the sparse table of shape {tuple(table.shape)} is reached other than by "
                 "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
                 "lookups only. Call step(losses) without shared_output for this model."
             )
@@ -128,35 +181,18 @@ def capture_task_grads_through(
     capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in tower_ids], tables)
     for p in capture.others:
         p.grad = None
-    for table in tables:
-        table.param.grad = None
+    for p in capture.tables:
+        p.grad = None
     for p in balanced:
         p.grad = None
     try:
-        tower_inputs = [*shared, *towers]
-        last = len(losses) - 1
-        per_task_h: list[list[torch.Tensor | None]] = []
-        tower_sums: list[torch.Tensor | None] = [None] * len(towers)
-        for task, loss in enumerate(losses):
-            if plan.separate_towers:
-                # Each pass runs its own tower's nodes only, once: none needs to be retained.
-                grads = torch.autograd.grad(loss, tower_inputs, allow_unused=True)
-            elif task < last:
-                grads = torch.autograd.grad(loss, tower_inputs, retain_graph=True, allow_unused=True)
-            else:
-                # From every root, zero seeds but the last: every tower node runs once more without retain.
-                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
-                grads = torch.autograd.grad(list(losses), tower_inputs, grad_outputs=seeds, allow_unused=True)
-            per_task_h.append(list(grads[: len(shared)]))
-            for j, g in enumerate(grads[len(shared) :]):
-                if g is not None:
-                    tower_sums[j] = g if tower_sums[j] is None else tower_sums[j] + g
+        per_task_h, tower_sums = _tower_gradients(losses, shared, towers, plan.tower_consumers)
         cotangents = [
             torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
             for i, h in enumerate(shared)
         ]
         dense = [p for p in balanced if id(p) not in lookups]
-        table_params = [table.param for table in tables]
+        table_params = capture.tables
         lookup_nodes = [node for p in [*balanced, *table_params] for node in lookups.get(id(p), [])]
         edges = [GradientEdge(node, 0) for node in lookup_nodes]
         bottom_inputs = [*dense, *bottom_others, *edges]
@@ -198,9 +234,10 @@ def capture_task_grads_through(
                     else:
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     hit[i] = g is not None
-            for table in tables:
-                for rows, g in lookup_rows(table.param):
-                    table.add_shared_rows(rows, g)
+            for bucket in tables:
+                for i, p in enumerate(bucket.params):
+                    for rows, g in lookup_rows(p):
+                        bucket.add_shared_rows(i, rows, g)
             for p, g in zip(towers, tower_sums):
                 p.grad = g
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

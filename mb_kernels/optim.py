@@ -16,7 +16,7 @@ from .capture import Bucket, capture_task_grads, sparse_gradient_params
 from .capture_shared import capture_task_grads_through, plan_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
-from .tables import RowTable
+from .tables import RowBucket, row_buckets
 
 _STATE_KEY = "norm_ema"
 # Saved with each parameter's state, so that a state loaded into parameters in another order is detected.
@@ -80,7 +80,7 @@ class MetaBalance(torch.optim.Optimizer):
         self._backend_request = backend
         self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
-        self._tables: list[tuple[dict, RowTable]] = []
+        self._tables: list[tuple[dict, RowBucket]] = []
         # (task count, ids of the dense tables balanced by rows) the buckets and tables were built for
         self._built_for: tuple[int, frozenset[int]] | None = None
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
@@ -212,32 +212,31 @@ class MetaBalance(torch.optim.Optimizer):
     # ---- state ---------------------------------------------------------------------------------------
     def _build_buckets(
         self, num_tasks: int, sparse_ids: set[int], dense_row_ids: frozenset[int]
-    ) -> tuple[list[tuple[dict, Bucket]], list[tuple[dict, RowTable]]]:
-        """Dense buckets per (group, device, dtype), and a table balanced by rows for each parameter in
-        ``sparse_ids`` (sparse result) or ``dense_row_ids`` (dense result)."""
+    ) -> tuple[list[tuple[dict, Bucket]], list[tuple[dict, RowBucket]]]:
+        """Dense buckets per (group, device, dtype), and row buckets per (group, device, dtype, width) of the tables
+        balanced by rows: those in ``sparse_ids`` (sparse result) or ``dense_row_ids`` (dense result)."""
         buckets, tables = [], []
         for group in self.param_groups:
             by_key: dict[tuple, list[torch.Tensor]] = {}
+            group_tables = []
             for p in group["params"]:
                 row = self.state[p].get(_STATE_KEY) if p in self.state else None
                 if id(p) in sparse_ids or id(p) in dense_row_ids:
-                    tables.append((group, RowTable(p, num_tasks, row, sparse_output=id(p) in sparse_ids)))
+                    group_tables.append((p, row, id(p) in sparse_ids))
                 else:
                     by_key.setdefault((p.device, p.dtype), []).append(p)
             for params in by_key.values():
                 rows = [self.state[p].get(_STATE_KEY) if p in self.state else None for p in params]
                 buckets.append((group, Bucket(params, num_tasks, rows)))
+            tables += [(group, bucket) for bucket in row_buckets(group_tables, num_tasks)]
         return buckets, tables
 
-    def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, RowTable]]) -> None:
+    def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, RowBucket]]) -> None:
         """Point each parameter's optimizer state at its row of the moving averages."""
-        for _, bucket in buckets:
+        for _, bucket in [*buckets, *tables]:
             for p, view in zip(bucket.params, bucket.norm_ema_views()):
                 self.state[p][_STATE_KEY] = view
                 self.state[p][_SHAPE_KEY] = tuple(p.shape)
-        for _, table in tables:
-            self.state[table.param][_STATE_KEY] = table.norm_ema[0]
-            self.state[table.param][_SHAPE_KEY] = tuple(table.param.shape)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`.
@@ -373,7 +372,7 @@ class MetaBalance(torch.optim.Optimizer):
                 for group, table in tables_with_groups:  # never under DDP: the plain backend
                     beta = group["beta"] if update_averages else 1.0
                     hyper = Hyperparameters(group["relax_factor"], beta, group["strategy"])
-                    table_grads.append(table.balance(self._backends[table.param.device.type][1], hyper))
+                    table_grads += table.balance(self._backends[table.device.type][1], hyper)
                 if self._skip_nonfinite_steps:
                     emas = [b.norm_ema for b in buckets] + [table.norm_ema for table in tables]
                     results = outputs + [g._values() if g.is_sparse else g for g in table_grads if g is not None]
@@ -391,9 +390,7 @@ class MetaBalance(torch.optim.Optimizer):
             self._buckets, self._tables = buckets_with_groups, tables_with_groups
             self._built_for = (num_tasks, lookup_tables)
             self._store_state(buckets_with_groups, tables_with_groups)
-            self._warn_if_target_never_reaches(
-                [(b.norm_ema, b.params) for b in buckets] + [(t.norm_ema, [t.param]) for t in tables]
-            )
+            self._warn_if_target_never_reaches([(b.norm_ema, b.params) for b in [*buckets, *tables]])
 
     def _warn_if_target_never_reaches(self, emas_and_params: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
         """After the first step of a layout (one host read, once): warn when a balanced tensor has m_0 == 0 but
@@ -427,13 +424,10 @@ class MetaBalance(torch.optim.Optimizer):
         if self._buckets is None:
             return []
         rows = []
-        for group, bucket in self._buckets:
+        for group, bucket in [*self._buckets, *self._tables]:
             weights = balance_weights(bucket.norm_ema, group["relax_factor"], group["strategy"])
             for i, p in enumerate(bucket.params):
                 rows.append({"param": p, "norm_ema": bucket.norm_ema[i].clone(), "weights": weights[i].clone()})
-        for group, table in self._tables:
-            weights = balance_weights(table.norm_ema, group["relax_factor"], group["strategy"])[0]
-            rows.append({"param": table.param, "norm_ema": table.norm_ema[0].clone(), "weights": weights})
         return rows
 
 

@@ -8,125 +8,210 @@ Two kinds of balanced table take this path:
 * with ``step(losses, shared_output=h)``, dense tables reached through ``nn.Embedding`` lookups only: the batched
   backward stops at the looked-up rows, and the balanced gradient is written densely (as autograd would give it).
 
-The math is the dense tensor's (:mod:`mb_kernels.backends.reference`): task t's gradient of the table is the
+The math is the dense tensor's (:mod:`mb_kernels.backends.reference`): task t's gradient of a table is the
 dense-equivalent one (duplicate ids summed), so its norm is the norm of the summed rows and the weights follow.
-Each step the rows of every task are grouped once by a sort of their ids into a ``[T, K, d]`` block, K being the
-number of ids looked up (slots past the number of distinct ids stay zero, so the size does not depend on the ids
-and no host synchronisation is needed), and the block goes through the same fused backend as a dense tensor of
-K·d elements: norms, moving average, weights and weighted sum in one call. Work is O(T·K·d) plus one sort of K ids,
-never O(V·d) (except the dense output itself).
+Each step, the rows of every task of every table in a :class:`RowBucket` (tables of one param group, device, dtype
+and row width) are grouped by one sort of their ids into a ``[T, K, d]`` block, K being the number of ids looked up
+(slots past a table's distinct ids stay zero, so the shapes do not depend on the ids and no host synchronisation is
+needed), and the block goes through the same fused backend as a dense bucket whose tensors are the tables' row
+blocks: norms, moving averages, weights and weighted sum in one call. Work is O(T·K·d) plus one sort of K ids,
+never O(V·d) (except a dense result itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .backends.contract import BalanceFn, Hyperparameters, state_dtype
 from .layout import FlatLayout
 
-# Per table, the flat layouts of recent row counts (one per batch shape in practice): bounded, as ids vary.
-_LAYOUT_CACHE_SIZE = 8
+# Per bucket, the layouts of recent id counts (one per batch shape in practice): bounded, as counts may vary.
+_PLAN_CACHE_SIZE = 8
+
+# One part of a table's gradient this step: (task, ids [k], values [k, d]) from one task's backward pass, or
+# (None, ids [k], values [T, k, d]) for rows looked up once for every task (shared_output).
+Part = tuple[int | None, torch.Tensor, torch.Tensor]
 
 
-class RowTable:
-    """A balanced 2-D table whose per-task gradients arrive as (row ids, row values) parts.
+@dataclass
+class _GroupPlan:
+    """What depends only on the id count of each table: the flat layout of the row blocks and, per sorted
+    position, the start of its table's block and the id offset of its table."""
 
-    ``sparse_output``: the balanced gradient is a coalesced sparse tensor (tables with ``sparse=True``), else a
-    dense ``[V, d]`` tensor. The moving averages are ``norm_ema`` ``[1, T]`` (the parameter's state holds its row).
+    layout: FlatLayout
+    starts: list[int]
+    counts: list[int]
+    start_of_position: torch.Tensor
+    offset_of_position: torch.Tensor
+    filled: torch.Tensor
+    """Indices of the tables with at least one id, and for each: the sorted position of its last id, the start of
+    its block and its row count (its "no row" id)."""
+    last: torch.Tensor
+    first: torch.Tensor
+    rows: torch.Tensor
+
+
+class RowBucket:
+    """Balanced 2-D tables of one param group, device, dtype and row width, balanced by their rows.
+
+    ``sparse_output[i]``: table i's balanced gradient is a coalesced sparse tensor (tables with ``sparse=True``),
+    else a dense ``[V, d]`` tensor. The moving averages are ``norm_ema`` ``[P, T]``, one row per table (its
+    optimizer state holds a view of the row), as in a dense bucket.
     """
 
-    def __init__(self, param: torch.Tensor, num_tasks: int, norm_ema_row: torch.Tensor | None, sparse_output: bool):
-        self.param = param
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        num_tasks: int,
+        norm_ema_rows: list[torch.Tensor | None],
+        sparse_output: list[bool],
+    ):
+        self.params = params
         self.num_tasks = num_tasks
         self.sparse_output = sparse_output
-        self.norm_ema = torch.zeros(1, num_tasks, dtype=state_dtype(param.dtype), device=param.device)
-        if norm_ema_row is not None:
-            self.norm_ema[0].copy_(norm_ema_row)
-        # This step's parts: (task, ids [k], values [k, d]) for one task, or (None, ids [k], values [T, k, d]).
-        self.parts: list[tuple[int | None, torch.Tensor, torch.Tensor]] = []
-        self._layouts: dict[int, FlatLayout] = {}
+        self.device, self.dtype, self.width = params[0].device, params[0].dtype, params[0].shape[1]
+        self.norm_ema = torch.zeros(len(params), num_tasks, dtype=state_dtype(self.dtype), device=self.device)
+        for i, row in enumerate(norm_ema_rows):
+            if row is not None:
+                self.norm_ema[i].copy_(row)
+        # Table i's ids live in [offset_i, offset_i + V_i] of one id space; offset_i + V_i is its "no row" id.
+        bounds = [0]
+        for p in params:
+            bounds.append(bounds[-1] + p.shape[0] + 1)
+        self.id_offsets = bounds[:-1]
+        self.parts: list[list[Part]] = [[] for _ in params]
+        self._plans: dict[tuple[int, ...], _GroupPlan] = {}
 
-    @property
-    def reached(self) -> bool:
-        """Whether any task's backward reached the table this step (an empty lookup counts, as for autograd)."""
-        return bool(self.parts)
+    def norm_ema_views(self) -> list[torch.Tensor]:
+        return list(self.norm_ema.unbind(0))
 
-    def add_task_rows(self, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
-        self.parts.append((task, ids.reshape(-1), values.reshape(-1, self.param.shape[1])))
+    def add_task_rows(self, table: int, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
+        self.parts[table].append((task, ids.reshape(-1), values.reshape(-1, self.width)))
 
-    def add_shared_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+    def add_shared_rows(self, table: int, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Rows looked up once for every task: ``values`` is ``[T, k, d]``."""
-        self.parts.append((None, ids.reshape(-1), values.reshape(self.num_tasks, -1, self.param.shape[1])))
+        self.parts[table].append((None, ids.reshape(-1), values.reshape(self.num_tasks, -1, self.width)))
 
     def clear(self) -> None:
-        self.parts = []
+        self.parts = [[] for _ in self.params]
 
-    def _layout(self, numel: int) -> FlatLayout:
-        layout = self._layouts.get(numel)
-        if layout is None:
-            if len(self._layouts) >= _LAYOUT_CACHE_SIZE:
-                self._layouts.pop(next(iter(self._layouts)))
-            layout = self._layouts[numel] = FlatLayout.from_sizes([numel], self.param.device)
-        return layout
+    def _plan(self, counts: tuple[int, ...]) -> _GroupPlan:
+        plan = self._plans.get(counts)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            starts = [0]
+            for k in counts:
+                starts.append(starts[-1] + k)
+            repeats = torch.tensor(counts, dtype=torch.int64)
+            filled = [i for i, k in enumerate(counts) if k > 0]
 
-    def balance(self, balance_fn: BalanceFn, hyper: Hyperparameters) -> torch.Tensor | None:
-        """Update the moving averages (always, as for a dense tensor: a task that did not reach the table has norm
-        0) and return the balanced gradient, or None if no task reached the table."""
-        ids, block, distinct = group_rows(self.parts, self.num_tasks, self.param)
-        combined = torch.empty(block.shape[1], dtype=block.dtype, device=block.device)
-        balance_fn(block, self.norm_ema, combined, self._layout(block.shape[1]), hyper)
-        if not self.parts:
-            return None
-        values = combined.view(-1, self.param.shape[1])
-        if self.sparse_output:
-            count = int(distinct)  # the sparse result's size: one host read (a synchronisation on GPU)
-            return torch.sparse_coo_tensor(
-                ids[None, :count], values[:count], self.param.shape, is_coalesced=True, check_invariants=False
+            def on_device(values: list[int]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.int64).to(self.device)
+
+            plan = self._plans[counts] = _GroupPlan(
+                layout=FlatLayout.from_sizes([k * self.width for k in counts], self.device),
+                starts=starts[:-1],
+                counts=list(counts),
+                start_of_position=torch.repeat_interleave(torch.tensor(starts[:-1]), repeats).to(self.device),
+                offset_of_position=torch.repeat_interleave(torch.tensor(self.id_offsets), repeats).to(self.device),
+                filled=on_device(filled),
+                last=on_device([starts[i] + counts[i] - 1 for i in filled]),
+                first=on_device([starts[i] for i in filled]),
+                rows=on_device([self.params[i].shape[0] for i in filled]),
             )
-        # Slots past the distinct ids (zeros, or the "no row" id) add exact zeros into row 0: masked so that even
-        # a 0 * Inf weight cannot reach it.
-        used = torch.arange(ids.numel(), device=ids.device) < distinct
-        values = torch.where(used[:, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
-        ids = torch.where(used, ids, 0)
-        return torch.zeros_like(self.param, memory_format=torch.preserve_format).index_add_(0, ids, values)
+        return plan
+
+    def balance(self, balance_fn: BalanceFn, hyper: Hyperparameters) -> list[torch.Tensor | None]:
+        """Update the moving averages (always, as for a dense tensor: a task that did not reach a table has norm
+        0) and return each table's balanced gradient, None for a table no task reached."""
+        plan = self._plan(tuple(sum(ids.numel() for _, ids, _ in parts) for parts in self.parts))
+        ids, block, distinct = self._group_rows(plan)
+        combined = torch.empty(block.shape[1], dtype=self.dtype, device=self.device)
+        balance_fn(block, self.norm_ema, combined, plan.layout, hyper)
+        # The sizes of the sparse results: one host read (a synchronisation on GPU), none without sparse tables.
+        counts_on_host = distinct.tolist() if any(self.sparse_output) else []
+        results: list[torch.Tensor | None] = []
+        for i, p in enumerate(self.params):
+            count = counts_on_host[i] if self.sparse_output[i] else None
+            if not self.parts[i]:
+                results.append(None)
+                continue
+            begin, k = plan.starts[i], plan.counts[i]
+            table_ids = ids[begin : begin + k]
+            values = combined[begin * self.width : (begin + k) * self.width].view(k, self.width)
+            if count is not None:
+                results.append(
+                    torch.sparse_coo_tensor(
+                        table_ids[None, :count], values[:count], p.shape, is_coalesced=True, check_invariants=False
+                    )
+                )
+                continue
+            # Slots past the distinct ids (zeros, or the "no row" id) add exact zeros into row 0: masked so that
+            # even a 0 * Inf weight cannot reach it.
+            used = torch.arange(k, device=self.device) < distinct[i]
+            values = torch.where(used[:, None], values, torch.zeros((), dtype=values.dtype, device=self.device))
+            dense = torch.zeros_like(p, memory_format=torch.preserve_format)
+            results.append(dense.index_add_(0, torch.where(used, table_ids, 0), values))
+        return results
+
+    def _group_rows(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum each task's rows per distinct id: ``(ids [K], block [T, K·d], distinct [P])``.
+
+        Table i owns slots ``starts[i] : starts[i] + counts[i]``; its slot ``starts[i] + j`` for j < ``distinct[i]``
+        holds its j-th smallest distinct id and, in row t of ``block``, task t's summed gradient of that row; its
+        other slots are zero. An id equal to the table's row count means "no row" (a padding lookup, whose values
+        are zero): it is not counted. Duplicates are summed in the accumulation dtype (float32 for half tables)
+        and rounded once to the table's dtype, as autograd's dense embedding backward does.
+        """
+        acc = state_dtype(self.dtype)
+        total = sum(plan.counts)
+        num_tables = len(self.params)
+        grouped = torch.zeros(self.num_tasks, total, self.width, dtype=acc, device=self.device)
+        if total == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
+            return empty, grouped.view(self.num_tasks, 0).to(self.dtype), distinct
+        offset_ids = [
+            part_ids.to(torch.int64) + offset
+            for parts, offset in zip(self.parts, self.id_offsets)
+            for _, part_ids, _ in parts
+        ]
+        ids = torch.cat(offset_ids)
+        sorted_ids, order = torch.sort(ids)
+        first_of_run = torch.ones(total, dtype=torch.bool, device=self.device)
+        first_of_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        run = torch.cumsum(first_of_run, 0)
+        # Table i's ids occupy sorted positions starts[i] : starts[i] + counts[i] (its id range is its own).
+        slot_sorted = run - run[plan.start_of_position] + plan.start_of_position
+        slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)  # slot of each id in input order
+        begin = 0
+        for parts in self.parts:
+            for task, part_ids, values in parts:
+                where = slot[begin : begin + part_ids.numel()]
+                begin += part_ids.numel()
+                if task is None:
+                    grouped.index_add_(1, where, values.to(acc))
+                else:
+                    grouped[task].index_add_(0, where, values.to(acc))
+        local_ids = sorted_ids - plan.offset_of_position
+        distinct_ids = torch.zeros(total, dtype=torch.int64, device=self.device).scatter_(0, slot_sorted, local_ids)
+        no_row = (local_ids[plan.last] == plan.rows).to(torch.int64)
+        distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
+        distinct[plan.filled] = slot_sorted[plan.last] - plan.first + 1 - no_row
+        return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
 
 
-def group_rows(
-    parts: Sequence[tuple[int | None, torch.Tensor, torch.Tensor]], num_tasks: int, table: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum each task's rows per distinct id: ``(ids [K], block [T, K·d], distinct)``.
-
-    K is the number of ids in all parts; slot j < ``distinct`` (a 0-d device tensor) holds the j-th smallest
-    distinct id and, in row t of ``block``, task t's summed gradient of that row; the other slots are zero. An id
-    equal to the table's row count means "no row" (a padding lookup, whose values are zero): it is not counted.
-    Duplicates are summed in the accumulation dtype (float32 for half tables) and rounded once to the table's dtype,
-    as autograd's dense embedding backward does.
-    """
-    width = table.shape[1]
-    device = table.device
-    ids = torch.cat([part_ids for _, part_ids, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-    ids = ids.to(device=device, dtype=torch.int64)
-    total = ids.numel()
-    acc = state_dtype(table.dtype)
-    grouped = torch.zeros(num_tasks, total, width, dtype=acc, device=device)
-    if total == 0:
-        return ids, grouped.view(num_tasks, 0).to(table.dtype), torch.zeros((), dtype=torch.int64, device=device)
-    sorted_ids, order = torch.sort(ids)
-    first_of_run = torch.ones(total, dtype=torch.bool, device=device)
-    first_of_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    slot_sorted = torch.cumsum(first_of_run, 0) - 1
-    slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)  # slot of each id in input order
-    start = 0
-    for task, part_ids, values in parts:
-        k = part_ids.numel()
-        where = slot[start : start + k]
-        start += k
-        if task is None:
-            grouped.index_add_(1, where, values.to(acc))
-        else:
-            grouped[task].index_add_(0, where, values.to(acc))
-    distinct_ids = torch.zeros(total, dtype=torch.int64, device=device).scatter_(0, slot_sorted, sorted_ids)
-    distinct = slot_sorted[-1] + 1 - (sorted_ids[-1] == table.shape[0]).to(torch.int64)
-    return distinct_ids, grouped.view(num_tasks, -1).to(table.dtype), distinct
+def row_buckets(tables: Sequence[tuple[torch.Tensor, torch.Tensor | None, bool]], num_tasks: int) -> list[RowBucket]:
+    """``(param, saved norm_ema row or None, sparse_output)`` of one param group, in buckets per (device, dtype,
+    row width), in order of first appearance."""
+    by_key: dict[tuple, list] = {}
+    for p, row, sparse in tables:
+        by_key.setdefault((p.device, p.dtype, p.shape[1]), []).append((p, row, sparse))
+    return [
+        RowBucket([p for p, _, _ in items], num_tasks, [r for _, r, _ in items], [s for _, _, s in items])
+        for items in by_key.values()
+    ]

@@ -84,6 +84,29 @@ class TwoOutputs(nn.Module):
         return [F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i]) for i in range(T)], (u, v)
 
 
+class HTwicePerTower(nn.Module):
+    """Separate towers that each take h by two edges (h * h, and h itself), one of them through a node with two
+    edges into h: the one-backward tower path must sum every edge of a task."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(40, 6)
+        self.bottom = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+        self.scales = nn.Parameter(torch.tensor([0.1, 0.2, 0.3]))
+
+    def shared_parameters(self):
+        return [*self.embedding.parameters(), *self.bottom.parameters()]
+
+    def losses(self, items, labels):
+        h = torch.tanh(self.bottom(self.embedding(items)))
+        out = []
+        for i, tower in enumerate(self.towers):
+            logits = tower(h).squeeze(-1) + self.scales[i] * (h * h).sum(-1)
+            out.append(F.binary_cross_entropy_with_logits(logits, labels[:, i]))
+        return out, h
+
+
 class EmbeddingCases(nn.Module):
     """Lookups the capture handles by rows: a padding_idx table looked up twice (duplicates across lookups), a table
     tied to a matmul (dense path: it is reached around its lookup), and a scale_grad_by_freq table (dense path)."""
@@ -119,7 +142,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases])
+@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, HTwicePerTower, EmbeddingCases])
 @pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("B", 0.5, 0.9), ("C", 0.7, 0.9)])
 @pytest.mark.parametrize("fused", [False, None])
 def test_shared_output_equals_plain_step(device, model_cls, strategy, relax, beta, fused):
@@ -228,7 +251,7 @@ def test_looked_up_tables_get_no_dense_per_task_workspace():
     workspace = sum(bucket.task_grads.numel() for _, bucket in mb._buckets)
     bottom = sum(p.numel() for p in model.bottom.parameters())
     assert workspace == T * bottom
-    assert [table.param for _, table in mb._tables] == [model.embedding.weight]
+    assert [p for _, bucket in mb._tables for p in bucket.params] == [model.embedding.weight]
     assert model.embedding.weight.grad.layout == torch.strided
 
 
@@ -258,3 +281,18 @@ def test_alternating_plain_and_shared_steps_continue_the_same_averages():
         plain_opt.step()
         mixed_opt.step()
     assert mixed_mb.state_dict()["state"].keys() == plain_mb.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "one_backward"), [(SharedBottom, True), (MMoE, True), (HTwicePerTower, True), (TwoOutputs, False)]
+)
+def test_separate_towers_take_one_backward(model_cls, one_backward):
+    """Towers without a common node are backpropagated in one pass (their gradients at h read per task at the
+    edges into h); a head shared by the losses needs one pass per loss."""
+    from mb_kernels.capture_shared import plan_through
+
+    model = model_cls()
+    losses, h = model.losses(*_batch(0))
+    shared = [h] if isinstance(h, torch.Tensor) else list(h)
+    plan = plan_through(losses, shared, {id(p) for p in model.shared_parameters()})
+    assert (plan.tower_consumers is not None) == one_backward
