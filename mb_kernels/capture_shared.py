@@ -16,7 +16,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .capture import Bucket, Capture, leaf_edges, walk_graph
-from .tables import RowBucket
+from .tables import RowBucket, accumulate_rows
 
 
 @dataclass
@@ -225,7 +225,8 @@ def capture_task_grads_through(
                         table = block.view(num_tasks, p.shape[0], p.shape[1])
                         for rows, g in lookup_rows(p):
                             # Padding ids (== row count) carry zero gradients: any in-range row takes them.
-                            table.index_add_(1, rows.clamp(max=p.shape[0] - 1), g.to(table.dtype))
+                            index = rows.clamp(max=p.shape[0] - 1)
+                            accumulate_rows(table.transpose(0, 1), index, g.to(table.dtype).transpose(0, 1))
                             hit[i] = True
                         continue
                     g = dense_grads[id(p)]

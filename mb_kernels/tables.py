@@ -193,16 +193,26 @@ class RowBucket:
             for task, part_ids, values in parts:
                 where = slot[begin : begin + part_ids.numel()]
                 begin += part_ids.numel()
-                if task is None:
-                    grouped.index_add_(1, where, values.to(acc))
+                if task is None:  # [T, k, d]: rows along dim 1
+                    accumulate_rows(grouped.transpose(0, 1), where, values.to(acc).transpose(0, 1))
                 else:
-                    grouped[task].index_add_(0, where, values.to(acc))
+                    accumulate_rows(grouped[task], where, values.to(acc))
         local_ids = sorted_ids - plan.offset_of_position
         distinct_ids = torch.zeros(total, dtype=torch.int64, device=self.device).scatter_(0, slot_sorted, local_ids)
         no_row = (local_ids[plan.last] == plan.rows).to(torch.int64)
         distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
         distinct[plan.filled] = slot_sorted[plan.last] - plan.first + 1 - no_row
         return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
+
+
+def accumulate_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``target[index[j]] += values[j]`` along dim 0, duplicates summed in a fixed order: ``index_add_`` on CPU
+    (sequential per row), a sort-based ``index_put_(accumulate=True)`` on GPU, where ``index_add_`` uses atomics
+    and would make the sums, hence the norms, differ run to run in the last bits."""
+    if target.device.type == "cpu":
+        target.index_add_(0, index, values)
+    else:
+        target.index_put_((index,), values, accumulate=True)
 
 
 def row_buckets(tables: Sequence[tuple[torch.Tensor, torch.Tensor | None, bool]], num_tasks: int) -> list[RowBucket]:

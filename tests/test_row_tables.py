@@ -81,11 +81,13 @@ def _dense_equivalent(tables, num_tasks: int, dtype: torch.dtype) -> torch.Tenso
 
 def _matrix():
     cases = []
-    for (device, backend), dtype, num_tasks, (h, hypers), outputs in itertools.product(
-        DEVICE_BACKENDS, DTYPES, [1, 3], enumerate(HYPERS), OUTPUTS
+    for (device, backend), (i, dtype), (j, num_tasks), (h, hypers), outputs in itertools.product(
+        DEVICE_BACKENDS, enumerate(DTYPES), enumerate([1, 3]), enumerate(HYPERS), OUTPUTS
     ):
         if backend == "triton" and device == "cpu" and (h % 3 != 0 or num_tasks == 1):
             continue  # the interpreter is slow: every strategy, r and beta still appear
+        if device == "cuda" and h % 3 != (i + j) % 3:
+            continue  # the GPU tier's covering design, as in tests/test_backends.py
         strategy, relax, beta = hypers
         name = f"{device}-{backend}-{str(dtype).removeprefix('torch.')}-T{num_tasks}-{strategy}-r{relax}-b{beta}"
         cases.append(pytest.param(device, backend, dtype, num_tasks, hypers, outputs, id=f"{name}-{outputs}"))
@@ -130,3 +132,31 @@ def test_row_bucket_matches_the_dense_reference(device, backend, dtype, num_task
             flat.append(result.reshape(-1))
         outs.append(torch.cat(flat))
     assert_matches_truth(outs, bucket.norm_ema, expected, num_tasks, label=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_bucket_is_bitwise_reproducible(device):
+    """Duplicate ids are summed in a fixed order on every device (no atomics): the same inputs give the same bits."""
+    dtype, num_tasks = torch.float32, 3
+    steps = [_step_parts(5, step, num_tasks, dtype, device) for step in range(STEPS)]
+    backend = available_backends(device)[-1]
+    runs = []
+    for _ in range(2):
+        params = [torch.zeros(rows, WIDTH, dtype=dtype, device=device, requires_grad=True) for rows in TABLE_ROWS]
+        bucket = RowBucket(params, num_tasks, [None] * len(params), [True, False, False])
+        outs = []
+        for tables in steps:
+            bucket.clear()
+            for i, parts in enumerate(tables):
+                for task, ids, values in parts:
+                    if task is None:
+                        bucket.add_shared_rows(i, ids, values)
+                    else:
+                        bucket.add_task_rows(i, task, ids, values)
+            results = bucket.balance(BACKENDS[backend].loader(), Hyperparameters(0.7, 0.9, "C"))
+            outs += [r.to_dense() if r is not None and r.is_sparse else r for r in results]
+        runs.append((outs, bucket.norm_ema.clone()))
+    (first, ema_first), (second, ema_second) = runs
+    assert torch.equal(ema_first, ema_second)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
