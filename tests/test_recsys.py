@@ -377,12 +377,12 @@ def test_real_taobao_protocol_and_short_training():
 
 
 def test_shared_output_training_matches_the_plain_metabalance_step():
-    """--shared-output changes how the per-task gradients are computed, not what they are: one epoch of MetaBalance
-    lands on the same parameters (up to float32 rounding of a differently ordered computation)."""
+    """--shared-output (the default) changes how the per-task gradients are computed, not what they are: one epoch
+    of MetaBalance lands on the same parameters (up to float32 rounding of a differently ordered computation)."""
     torch.set_num_threads(1)
     d = D.synthetic(num_users=80, num_items=60, views_per_user=10, carts_per_user=3, seed=4)
     base = dict(method="mb", relax_factor=0.7, epochs=1, batch_size=32, dropout=0.0)
-    plain = train(d, TrainConfig(**base)).model
+    plain = train(d, TrainConfig(shared_output=False, **base)).model
     fast = train(d, TrainConfig(shared_output=True, **base)).model
     for a, b in zip(plain.parameters(), fast.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

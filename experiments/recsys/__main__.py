@@ -188,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument(
         "--shared-output",
-        action="store_true",
-        help="MetaBalance methods: step(losses, shared_output=h), one walk of the shared bottom instead of one per "
-        "task (same gradients; faster with large embedding tables)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MetaBalance methods: step(losses, shared_output=h), towers backpropagated once and one batched walk "
+        "of the shared bottom instead of one full backward per task (the same gradients; 1.2-1.3x instead of "
+        "1.5-1.7x a Vanilla-Multi step on the paper network, bench/RESULTS.md); --no-shared-output for the plain "
+        "step(losses) (default: on)",
     )
     p.add_argument(
         "--trace",
