@@ -94,15 +94,12 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
 
 def _lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, d]``. Ids of the padding row become the table's
-    row count ("no row": :class:`~mb_kernels.tables.RowBucket` drops them) with zero gradients, as autograd gives the
-    padding row none; masking instead of removing keeps the shapes independent of the ids (no host sync)."""
+    row count ("no row": their gradients must be ignored, as autograd gives the padding row none); marking instead
+    of removing keeps the shapes independent of the ids (no host sync)."""
     rows = node._saved_indices.reshape(-1)
-    grad = grad.reshape(num_tasks, -1, table.shape[1])
     if node._saved_padding_idx >= 0:
-        padding = rows == node._saved_padding_idx
-        rows = torch.where(padding, table.shape[0], rows)
-        grad = torch.where(padding[None, :, None], torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
-    return rows, grad
+        rows = torch.where(rows == node._saved_padding_idx, table.shape[0], rows)
+    return rows, grad.reshape(num_tasks, -1, table.shape[1])
 
 
 def _tower_gradients(
@@ -224,9 +221,12 @@ def capture_task_grads_through(
                         block.zero_()
                         table = block.view(num_tasks, p.shape[0], p.shape[1])
                         for rows, g in lookup_rows(p):
-                            # Padding ids (== row count) carry zero gradients: any in-range row takes them.
+                            # Padding ids (== row count): their gradients zeroed, any in-range row takes them.
+                            padding = rows == p.shape[0]
+                            g = torch.where(padding[None, :, None], torch.zeros((), dtype=g.dtype, device=g.device), g)
                             index = rows.clamp(max=p.shape[0] - 1)
-                            accumulate_rows(table.transpose(0, 1), index, g.to(table.dtype).transpose(0, 1))
+                            for t in range(num_tasks):
+                                accumulate_rows(table[t], index, g[t].to(table.dtype))
                             hit[i] = True
                         continue
                     g = dense_grads[id(p)]

@@ -332,7 +332,15 @@ class MetaBalance(torch.optim.Optimizer):
         plan = None
         if shared_output is not None:
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
-            plan = plan_through(losses, shared, balanced)
+            try:
+                plan = plan_through(losses, shared, balanced)
+            except ValueError as err:
+                if self._ddp is None:
+                    raise
+                raise ValueError(
+                    f"{err}. Under DDP, the outputs of ddp(...) can be copies made by DDP: compute the losses and "
+                    "shared_output with ddp.module (MetaBalance does the gradient reduction itself)"
+                ) from None
         # With shared_output, tables reached by lookups only are balanced by their rows (no [T, V, d] workspace);
         # not under DDP, which all-reduces whole per-task gradients.
         lookup_tables = frozenset(plan.lookups) if plan is not None and self._ddp is None else frozenset()

@@ -13,9 +13,11 @@ class TinyMultiTask(nn.Module):
     shared tensor no task reaches: both cases the original implementation got wrong.
     """
 
-    def __init__(self, num_tasks: int = 3, num_items: int = 50, dim: int = 8, dtype=torch.float32):
+    def __init__(
+        self, num_tasks: int = 3, num_items: int = 50, dim: int = 8, dtype=torch.float32, padding_idx: int | None = None
+    ):
         super().__init__()
-        self.embedding = nn.Embedding(num_items, dim, dtype=dtype)
+        self.embedding = nn.Embedding(num_items, dim, dtype=dtype, padding_idx=padding_idx)
         self.bottom = nn.Sequential(nn.Linear(dim, 16, dtype=dtype), nn.ReLU(), nn.Linear(16, 8, dtype=dtype))
         self.extra = nn.Parameter(torch.randn(8, dtype=dtype) * 0.1)
         self.unused = nn.Parameter(torch.randn(3, dtype=dtype))
@@ -24,17 +26,23 @@ class TinyMultiTask(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.embedding.parameters(), *self.bottom.parameters(), self.extra, self.unused]
 
-    def forward(self, items: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        return self.losses(items, labels)
+    def forward(self, items: torch.Tensor, labels: torch.Tensor, with_shared: bool = False):
+        losses, features = self.losses_and_shared(items, labels)
+        return (losses, features) if with_shared else losses
 
     def losses(self, items: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return self.losses_and_shared(items, labels)[0]
+
+    def losses_and_shared(self, items: torch.Tensor, labels: torch.Tensor):
+        """The losses and the tensors the towers take (``shared_output``: ``extra`` is added before the towers)."""
         hidden = self.bottom(self.embedding(items))
-        out = []
+        out, features = [], [hidden]
         for t, tower in enumerate(self.towers):
-            features = hidden if t == 0 else hidden + self.extra
-            logits = tower(features).squeeze(-1)
+            if t > 0:
+                features.append(hidden + self.extra)
+            logits = tower(features[-1]).squeeze(-1)
             out.append(nn.functional.binary_cross_entropy_with_logits(logits, labels[:, t]))
-        return out
+        return out, features
 
 
 def batch(seed: int, num_tasks: int = 3, size: int = 32, num_items: int = 50, dtype=torch.float32):

@@ -27,7 +27,7 @@ OUTPUTS = {"sparse": (True, True, True), "dense": (False, False, False), "mixed"
 
 def _table_parts(gen: torch.Generator, rows: int, num_tasks: int, reached: bool, empty: bool):
     """One table's parts of one step: per-task parts (task 1 of 3 has none: it reaches the table only through the
-    shared lookup) and one shared lookup with duplicates and "no row" ids (== rows, zero values)."""
+    shared lookup) and one shared lookup with duplicates and "no row" ids (== rows; their values must be ignored)."""
     if not reached:
         return []
     if empty:
@@ -43,7 +43,6 @@ def _table_parts(gen: torch.Generator, rows: int, num_tasks: int, reached: bool,
     ids = torch.randint(0, rows + 1, (23,), generator=gen)
     values = torch.randn(num_tasks, 23, WIDTH, generator=gen, dtype=torch.float64)
     values *= 10.0 ** (torch.rand(num_tasks, 1, 1, generator=gen, dtype=torch.float64) * 4 - 2)
-    values[:, ids == rows] = 0.0
     parts.append((None, ids, values))
     return parts
 
@@ -68,7 +67,7 @@ def _dense_equivalent(tables, num_tasks: int, dtype: torch.dtype) -> torch.Tenso
     acc = state_dtype(dtype)
     blocks = []
     for parts, rows in zip(tables, TABLE_ROWS):
-        dense = torch.zeros(num_tasks, rows + 1, WIDTH, dtype=acc)  # row `rows` collects the (zero) "no row" values
+        dense = torch.zeros(num_tasks, rows + 1, WIDTH, dtype=acc)  # row `rows` collects the "no row" values (dropped)
         for task, ids, values in parts:
             ids, values = ids.cpu(), values.cpu().to(acc)
             if task is None:
