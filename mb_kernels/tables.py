@@ -52,6 +52,9 @@ class _GroupPlan:
     last: torch.Tensor
     first: torch.Tensor
     rows: torch.Tensor
+    grouped: torch.Tensor | None = None
+    """The ``[T, K, d]`` accumulation buffer, kept between steps (nothing outside the step refers to it): zeroing
+    mapped memory is much cheaper than a fresh allocation of this size on CPU."""
 
 
 class RowBucket:
@@ -170,7 +173,9 @@ class RowBucket:
         acc = state_dtype(self.dtype)
         total = sum(plan.counts)
         num_tables = len(self.params)
-        grouped = torch.zeros(self.num_tasks, total, self.width, dtype=acc, device=self.device)
+        if plan.grouped is None:
+            plan.grouped = torch.empty(self.num_tasks, total, self.width, dtype=acc, device=self.device)
+        grouped = plan.grouped.zero_()
         if total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
