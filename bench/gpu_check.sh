@@ -7,6 +7,8 @@
 #   4. host enqueue vs device time per balancing call (bench/host_overhead.py) -> host_overhead.json
 #   5. kernel-level benchmarks on CUDA, then end-to-end training steps (paper network; 1M-row tables, dense and
 #      sparse, plain and shared_output)                                      -> kernels.json, e2e.json
+#  5b. one whole training step (shared_output, dense tables) captured in a CUDA graph and replayed against eager
+#      steps (bench/cuda_graph_step.py; one JSON line)                          -> bench.log
 #   6. the summary table (bench/summarize.py), printed last                   -> summary.txt
 # Logs of stages 3-5 go to bench.log. Eight files in all (the device tool brings back at most eight).
 #
@@ -28,7 +30,7 @@ for arg in "$@"; do
     --dry-run) dry_run=1 ;;
     --cpu) cpu_mode=1 ;;
     -h | --help)
-      sed -n '2,19p' "$0"
+      sed -n '2,21p' "$0"
       exit 0
       ;;
     *) results=$arg ;;
@@ -147,6 +149,11 @@ stage kernels 150 "$results/bench.log" "$py" -m pytest bench/test_bench_kernels.
   --benchmark-json="$results/kernels.json"
 stage e2e 120 "$results/bench.log" "$py" -m pytest bench/test_bench_e2e.py bench/test_bench_tables.py "${bench_args[@]}" \
   --benchmark-json="$results/e2e.json"
+
+# ---- 5b. a whole training step captured in a CUDA graph (dense tables, shared_output), if time is left ------
+if ((!cpu_mode)); then
+  stage graph 60 "$results/bench.log" "$py" bench/cuda_graph_step.py
+fi
 
 # ---- 6. summary, printed last --------------------------------------------------------------------------
 if ((dry_run)); then
