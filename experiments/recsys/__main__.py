@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="MetaBalance methods: step(losses, shared_output=h), towers backpropagated once and one batched walk "
-        "of the shared bottom instead of one full backward per task (the same gradients; 1.2-1.3x instead of "
-        "1.5-1.7x a Vanilla-Multi step on the paper network, bench/RESULTS.md); --no-shared-output for the plain "
+        "of the shared bottom instead of one full backward per task (the same gradients; 1.2x instead of "
+        "1.6x a Vanilla-Multi step on the paper network on CPU, bench/RESULTS.md); --no-shared-output for the plain "
         "step(losses) (default: on)",
     )
     p.add_argument(
