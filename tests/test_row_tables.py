@@ -78,6 +78,18 @@ def _dense_equivalent(tables, num_tasks: int, dtype: torch.dtype) -> torch.Tenso
     return torch.cat(blocks, dim=1).to(dtype)
 
 
+def _balance_step(bucket: RowBucket, tables, balance, hyper: Hyperparameters):
+    """Hand one step's parts of every table to the bucket and balance them."""
+    bucket.clear()
+    for i, parts in enumerate(tables):
+        for task, ids, values in parts:
+            if task is None:
+                bucket.add_shared_rows(i, ids, values)
+            else:
+                bucket.add_task_rows(i, task, ids, values)
+    return bucket.balance(balance, hyper)
+
+
 def _matrix():
     cases = []
     for (device, backend), (i, dtype), (j, num_tasks), (h, hypers), outputs in itertools.product(
@@ -106,14 +118,7 @@ def test_row_bucket_matches_the_dense_reference(device, backend, dtype, num_task
     expected = truth(dense, sizes, relax, beta, strategy)
     outs = []
     for step, tables in enumerate(steps):
-        bucket.clear()
-        for i, parts in enumerate(tables):
-            for task, ids, values in parts:
-                if task is None:
-                    bucket.add_shared_rows(i, ids, values)
-                else:
-                    bucket.add_task_rows(i, task, ids, values)
-        results = bucket.balance(balance, Hyperparameters(relax, beta, strategy))
+        results = _balance_step(bucket, tables, balance, Hyperparameters(relax, beta, strategy))
         flat = []
         for i, (parts, result, param, sparse) in enumerate(zip(tables, results, params, OUTPUTS[outputs])):
             if not parts:
@@ -145,14 +150,7 @@ def test_row_bucket_is_bitwise_reproducible(device):
         bucket = RowBucket(params, num_tasks, [None] * len(params), [True, False, False])
         outs = []
         for tables in steps:
-            bucket.clear()
-            for i, parts in enumerate(tables):
-                for task, ids, values in parts:
-                    if task is None:
-                        bucket.add_shared_rows(i, ids, values)
-                    else:
-                        bucket.add_task_rows(i, task, ids, values)
-            results = bucket.balance(BACKENDS[backend].loader(), Hyperparameters(0.7, 0.9, "C"))
+            results = _balance_step(bucket, tables, BACKENDS[backend].loader(), Hyperparameters(0.7, 0.9, "C"))
             outs += [r.to_dense() if r is not None and r.is_sparse else r for r in results]
         runs.append((outs, bucket.norm_ema.clone()))
     (first, ema_first), (second, ema_second) = runs
