@@ -16,7 +16,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .capture import Bucket, Capture, leaf_edges, walk_graph
-from .tables import RowBucket, accumulate_rows
+from .tables import RowBucket
 
 
 @dataclass
@@ -188,9 +188,9 @@ def capture_task_grads_through(
             torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
             for i, h in enumerate(shared)
         ]
-        dense = [p for p in balanced if id(p) not in lookups]
-        table_params = capture.tables
-        lookup_nodes = [node for p in [*balanced, *table_params] for node in lookups.get(id(p), [])]
+        # Every looked-up table is a row-bucket table (MetaBalance builds them so): the buckets hold no lookup.
+        dense = balanced
+        lookup_nodes = [node for p in capture.tables for node in lookups.get(id(p), [])]
         edges = [GradientEdge(node, 0) for node in lookup_nodes]
         bottom_inputs = [*dense, *bottom_others, *edges]
         try:
@@ -217,18 +217,6 @@ def capture_task_grads_through(
                 for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
                     block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
                     start += size
-                    if id(p) in lookups:  # a table kept in the workspace (under DDP, which reduces workspaces)
-                        block.zero_()
-                        table = block.view(num_tasks, p.shape[0], p.shape[1])
-                        for rows, g in lookup_rows(p):
-                            # Padding ids (== row count): their gradients zeroed, any in-range row takes them.
-                            padding = rows == p.shape[0]
-                            g = torch.where(padding[None, :, None], torch.zeros((), dtype=g.dtype, device=g.device), g)
-                            index = rows.clamp(max=p.shape[0] - 1)
-                            for t in range(num_tasks):
-                                accumulate_rows(table[t], index, g[t].to(table.dtype))
-                            hit[i] = True
-                        continue
                     g = dense_grads[id(p)]
                     if g is None:
                         block.zero_()

@@ -22,6 +22,11 @@ norm, so small per-rank batches bias the ratios toward 1). Communication: ``P*T 
 instead of ``T*N``, plus the towers. This mode computes with the pure-torch reference functions (it needs the
 norms between the two kernel phases).
 
+Embedding tables balanced by their rows (sparse tables; with ``shared_output``, looked-up dense tables) are
+exact in either mode: every rank gathers all ranks' looked-up rows (``T·K·d`` values per rank, far less than a
+``[T, V, d]`` all-reduce) and groups the union, so every rank balances the same global rows
+(:meth:`DistributedSync.gather_rows`).
+
 Either way the optimizer's step has one path: :meth:`DistributedSync.wrap` turns the chosen backend into a
 :class:`~mb_kernels.backends.contract.BalanceFn` that does the collectives around (or instead of) it.
 
@@ -41,6 +46,7 @@ import torch.distributed as dist
 from .backends.contract import BalanceFn, Hyperparameters
 from .backends.reference import combine, tensor_norms, update_and_weigh
 from .layout import FlatLayout
+from .tables import RowBucket
 
 DDP_MODES = ("exact", "low_comm")
 
@@ -81,6 +87,35 @@ class DistributedSync:
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._mean(flat)
         torch._foreach_copy_(grads, [seg.view_as(g) for seg, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def gather_rows(self, bucket: RowBucket) -> None:
+        """Replace every table's parts in ``bucket`` by all ranks' rows, divided by the world size: the tables'
+        global per-task gradients (the mean over ranks, as for the workspaces), in every mode. Each rank's rows are
+        padded to the longest with the "no row" id; sizes are exchanged first (one host read)."""
+        num_tables = len(bucket.params)
+        sizes = torch.zeros(num_tables, 2, dtype=torch.int64, device=bucket.device)
+        rows = [bucket.rows_of(i) for i in range(num_tables)]
+        for i, (ids, _) in enumerate(rows):
+            sizes[i, 0] = int(bool(bucket.parts[i]))
+            sizes[i, 1] = ids.numel()
+        every = [torch.empty_like(sizes) for _ in range(self.world_size)]
+        dist.all_gather(every, sizes, group=self.group)
+        per_rank = torch.stack(every).tolist()  # [rank][table] = (reached, ids)
+        for i, (ids, values) in enumerate(rows):
+            bucket.parts[i] = []
+            if not any(rank[i][0] for rank in per_rank):
+                continue  # no task reached the table on any rank
+            longest = max(rank[i][1] for rank in per_rank)
+            no_row = bucket.params[i].shape[0]
+            padded_ids = torch.full((longest,), no_row, dtype=torch.int64, device=bucket.device)
+            padded_ids[: ids.numel()] = ids
+            padded = values.new_zeros(bucket.num_tasks, longest, bucket.width)
+            padded[:, : ids.numel()] = values
+            all_ids = [torch.empty_like(padded_ids) for _ in range(self.world_size)]
+            all_values = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(all_ids, padded_ids, group=self.group)
+            dist.all_gather(all_values, padded, group=self.group)
+            bucket.add_shared_rows(i, torch.cat(all_ids), torch.cat(all_values, dim=1).div_(self.world_size))
 
     def wrap(self, balance: BalanceFn) -> BalanceFn:
         """The balancing step with this mode's collectives: ``exact`` averages the ``[T, N]`` workspace in one

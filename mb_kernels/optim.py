@@ -341,15 +341,12 @@ class MetaBalance(torch.optim.Optimizer):
                     f"{err}. Under DDP, the outputs of ddp(...) can be copies made by DDP: compute the losses and "
                     "shared_output with ddp.module (MetaBalance does the gradient reduction itself)"
                 ) from None
-        # With shared_output, tables reached by lookups only are balanced by their rows (no [T, V, d] workspace);
-        # not under DDP, which all-reduces whole per-task gradients.
-        lookup_tables = frozenset(plan.lookups) if plan is not None and self._ddp is None else frozenset()
+        # With shared_output, tables reached by lookups only are balanced by their rows (no [T, V, d] workspace).
+        lookup_tables = frozenset(plan.lookups) if plan is not None else frozenset()
         buckets_with_groups, tables_with_groups = self._buckets, self._tables
         fresh = buckets_with_groups is None or self._built_for != (num_tasks, lookup_tables)
         if fresh:
             sparse_ids = sparse_gradient_params(losses, balanced)
-            if sparse_ids and self._ddp is not None:
-                raise ValueError("MetaBalance: sparse embedding tables are not supported under DDP yet")
             buckets_with_groups, tables_with_groups = self._build_buckets(
                 num_tasks, sparse_ids, lookup_tables - sparse_ids
             )
@@ -377,7 +374,9 @@ class MetaBalance(torch.optim.Optimizer):
                         bucket.task_grads, bucket.norm_ema, combined, bucket.layout, hyper
                     )
                     outputs.append(combined)
-                for group, table in tables_with_groups:  # never under DDP: the plain backend
+                for group, table in tables_with_groups:
+                    if self._ddp is not None:
+                        self._ddp.gather_rows(table)  # global rows; then the plain backend, as on one process
                     beta = group["beta"] if update_averages else 1.0
                     hyper = Hyperparameters(group["relax_factor"], beta, group["strategy"])
                     table_grads += table.balance(self._backends[table.device.type][1], hyper)

@@ -98,6 +98,23 @@ class RowBucket:
         """Rows looked up once for every task: ``values`` is ``[T, k, d]``."""
         self.parts[table].append((None, ids.reshape(-1), values.reshape(self.num_tasks, -1, self.width)))
 
+    def rows_of(self, table: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table ``table``'s parts of this step as one ``(ids [k], values [T, k, d])`` (zero rows for the tasks a
+        part does not belong to), in the table's dtype: what DDP gathers across ranks."""
+        ids, values = [], []
+        for task, part_ids, part_values in self.parts[table]:
+            if task is None:
+                values.append(part_values.to(self.dtype))
+            else:
+                block = part_values.new_zeros(self.num_tasks, *part_values.shape, dtype=self.dtype)
+                block[task] = part_values
+                values.append(block)
+            ids.append(part_ids.to(torch.int64))
+        if not ids:
+            empty = torch.zeros(self.num_tasks, 0, self.width, dtype=self.dtype, device=self.device)
+            return torch.zeros(0, dtype=torch.int64, device=self.device), empty
+        return torch.cat(ids), torch.cat(values, dim=1)
+
     def clear(self) -> None:
         self.parts = [[] for _ in self.params]
 

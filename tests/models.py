@@ -14,10 +14,16 @@ class TinyMultiTask(nn.Module):
     """
 
     def __init__(
-        self, num_tasks: int = 3, num_items: int = 50, dim: int = 8, dtype=torch.float32, padding_idx: int | None = None
+        self,
+        num_tasks: int = 3,
+        num_items: int = 50,
+        dim: int = 8,
+        dtype=torch.float32,
+        padding_idx: int | None = None,
+        sparse: bool = False,
     ):
         super().__init__()
-        self.embedding = nn.Embedding(num_items, dim, dtype=dtype, padding_idx=padding_idx)
+        self.embedding = nn.Embedding(num_items, dim, dtype=dtype, padding_idx=padding_idx, sparse=sparse)
         self.bottom = nn.Sequential(nn.Linear(dim, 16, dtype=dtype), nn.ReLU(), nn.Linear(16, 8, dtype=dtype))
         self.extra = nn.Parameter(torch.randn(8, dtype=dtype) * 0.1)
         self.unused = nn.Parameter(torch.randn(3, dtype=dtype))

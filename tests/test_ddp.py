@@ -26,21 +26,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_model():
+def _make_model(sparse: bool = False):
     torch.manual_seed(0)
-    return TinyMultiTask(dtype=torch.float64, padding_idx=3)
+    return TinyMultiTask(dtype=torch.float64, padding_idx=3, sparse=sparse)
 
 
 def _global_batch(step):
     return batch(step, size=2 * 16, dtype=torch.float64)
 
 
-def _worker(rank, port, mode, out_dir, shared_output=False):
+def _worker(rank, port, mode, out_dir, shared_output=False, sparse=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = _make_model()
+        model = _make_model(sparse)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp, ddp_mode=mode)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -48,7 +48,7 @@ def _worker(rank, port, mode, out_dir, shared_output=False):
             items, labels = _global_batch(step)
             shard = slice(rank * 16, (rank + 1) * 16)
             optimizer.zero_grad(set_to_none=True)
-            if shared_output:  # lookups cut at their rows, the table kept in the workspace DDP reduces
+            if shared_output:  # lookups cut at their rows: the table balanced by rows gathered from every rank
                 # DDP's own forward may hand back copies of its outputs: take losses and h from the module itself
                 # (MetaBalance does the reduction; DDP's backward sync is off).
                 losses, shared = ddp.module(items[shard], labels[shard], with_shared=True)
@@ -62,8 +62,8 @@ def _worker(rank, port, mode, out_dir, shared_output=False):
         dist.destroy_process_group()
 
 
-def _run(mode, tmp_path, shared_output=False):
-    args = (_free_port(), mode, str(tmp_path), shared_output)
+def _run(mode, tmp_path, shared_output=False, sparse=False):
+    args = (_free_port(), mode, str(tmp_path), shared_output, sparse)
     mp.start_processes(_worker, args=args, nprocs=WORLD, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -80,9 +80,11 @@ def _single_process():
     return model.state_dict(), [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
 
 
-@pytest.mark.parametrize("shared_output", [False, True])
-def test_exact_mode_equals_single_process_on_concatenated_batch(tmp_path, shared_output):
-    ranks = _run("exact", tmp_path, shared_output)
+@pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, False), (False, True), (True, True)])
+def test_exact_mode_equals_single_process_on_concatenated_batch(tmp_path, shared_output, sparse):
+    """Workspaces all-reduced, tables balanced by rows (sparse tables; looked-up tables with shared_output) gathered
+    from every rank: every rank ends where one process does with the plain step on the concatenated batch."""
+    ranks = _run("exact", tmp_path, shared_output, sparse)
     params, ema = _single_process()
     for rank in ranks:
         for name, value in params.items():
@@ -93,8 +95,9 @@ def test_exact_mode_equals_single_process_on_concatenated_batch(tmp_path, shared
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"{name} differs between ranks"
 
 
-def test_low_comm_mode_keeps_ranks_identical_and_close(tmp_path):
-    ranks = _run("low_comm", tmp_path)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_low_comm_mode_keeps_ranks_identical_and_close(tmp_path, sparse):
+    ranks = _run("low_comm", tmp_path, sparse=sparse)
     for name in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"{name} differs between ranks"
     for a, b in zip(ranks[0]["ema"], ranks[1]["ema"]):
