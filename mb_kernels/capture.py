@@ -1,20 +1,23 @@
-"""Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype), and the whole
-``.grad`` lifecycle of every parameter the step touches.
+"""Per-task gradient capture into flat ``[T, N]`` workspaces, one per (param group, device, dtype), and into row
+buckets for embedding tables, and the whole ``.grad`` lifecycle of every parameter the step touches.
 
-One backward pass per task. Before the passes the ``.grad`` of every leaf the losses reach is set aside and set
-to None: for balanced parameters autograd then hands each pass's gradient over without an accumulate (after pass
-t it is copied into row t of the workspace and ``.grad`` reset to None); the other leaves (task towers) collect
-the plain sum over the passes, as ``sum(losses).backward()`` would give them. After balancing,
-:meth:`Capture.commit` accumulates both onto the set-aside gradients (in place, as autograd does; a fresh
-gradient gets the parameter's own strides, as autograd gives it); on any failure, :meth:`Capture.abort` puts
-every set-aside gradient back unchanged, so a caller who catches the error sees the ``.grad`` of before the step.
+One backward pass per task (``autograd.grad``, so nothing accumulates into ``.grad`` while the passes run): the
+balanced dense parameters' gradients are copied into row t of their workspace; the tables reached by
+``nn.Embedding`` lookups only have their gradient taken at the lookups' outputs (``GradientEdge``: the looked-up
+rows, never the dense ``[V, d]`` embedding backward) and handed to their row bucket, as are the sparse gradients of
+the other sparse tables; the other leaves the losses reach (task towers) collect the plain sum over the passes, as
+``sum(losses).backward()`` would give them. Before the passes the ``.grad`` of every leaf the losses reach is set
+aside; after balancing, :meth:`Capture.commit` accumulates the results onto it (in place, as autograd does; a fresh
+gradient gets the parameter's own strides, as autograd gives it); on any failure, :meth:`Capture.abort` puts every
+set-aside gradient back unchanged, so a caller who catches the error sees the ``.grad`` of before the step.
 
 Leak-free graph release: autograd frees a node's saved tensors only when a non-retaining pass executes
 it. Passes 0..T-2 retain the graph, so the last pass runs from *all* losses, with a zero gradient for
 losses 0..T-2 and one for loss T-1: every node executes once more without retain and its buffers are
 freed, even if the caller keeps the loss tensors. Adding exact zeros leaves every gradient bitwise
 unchanged (the only exception: a saved activation that is itself Inf/NaN turns 0 * Inf into NaN, which
-marks that step non-finite; its forward was non-finite already).
+marks that step non-finite; its forward was non-finite already). The one exception are the cut lookups: their
+nodes never run, so the ids they saved (the caller's own batch ids) live as long as the caller keeps a loss.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
@@ -76,55 +80,68 @@ def leaf_edges(roots: Sequence[torch.Tensor]):
                 stack.append(child)
 
 
-def sparse_gradient_params(losses: Sequence[torch.Tensor], candidates: set[int]) -> set[int]:
-    """Ids of the ``candidates`` (leaf tensors) that a backward from ``losses`` gives sparse gradients: the tables
-    of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True``."""
+def sparse_gradient_params(edges: Sequence[tuple], candidates: set[int]) -> set[int]:
+    """Ids of the ``candidates`` (leaf tensors) that a backward through ``edges`` (:func:`leaf_edges`) gives sparse
+    gradients: the tables of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True``."""
     return {
-        id(leaf)
-        for node, leaf in leaf_edges(losses)
-        if id(leaf) in candidates and getattr(node, "_saved_sparse", False) is True
+        id(leaf) for node, leaf in edges if id(leaf) in candidates and getattr(node, "_saved_sparse", False) is True
     }
 
 
-def _collect_tables(tables: Sequence[RowBucket], task: int) -> None:
-    """Keep this pass's sparse gradients of the tables as (ids, rows) of task ``task``; reset ``.grad``."""
-    for bucket in tables:
-        for i, p in enumerate(bucket.params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.layout == torch.strided:
-                raise TypeError(
-                    f"MetaBalance: the table of shape {tuple(p.shape)} received a dense gradient after sparse ones; a "
-                    "table must get sparse gradients only (sparse=True in every lookup, no other use)"
-                )
-            bucket.add_task_rows(i, task, g._indices()[0], g._values())
-            p.grad = None
+def lookup_only_tables(edges: Sequence[tuple], balanced_ids: set[int]) -> dict[int, list]:
+    """``{id(table): [EmbeddingBackward node, ...]}`` for the balanced 2-D tables that the graph of ``edges``
+    (:func:`leaf_edges`) reaches through ``nn.Embedding`` lookups only (``scale_grad_by_freq`` lookups excluded:
+    their rows' gradients depend on the whole batch). Their gradients are then taken at the lookups' outputs
+    (``GradientEdge``), as rows, instead of the dense ``[V, d]`` embedding backward."""
+    lookups: dict[int, list] = {}
+    other_parents: set[int] = set()
+    for node, leaf in edges:
+        if id(leaf) not in balanced_ids:
+            continue
+        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
+        if is_lookup and leaf.dim() == 2:
+            lookups.setdefault(id(leaf), []).append(node)
+        else:
+            other_parents.add(id(leaf))
+    return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
 
 
-def _collect_pass(buckets: Sequence[Bucket], task: int, reached: list[list[bool]]) -> None:
-    """Move this pass's gradients of the balanced params into workspace row ``task``; reset ``.grad``."""
+def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lookup's row ids ``[k]`` and row gradients ``[*grad.shape[:batch_dims], k, d]`` from ``grad``, the gradient
+    at its output (with ``batch_dims`` leading task dimensions). Ids of the padding row become the table's row count
+    ("no row": :class:`~mb_kernels.tables.RowBucket` ignores their values, as autograd gives the padding row no
+    gradient); marking instead of removing keeps the shapes independent of the ids (no host sync)."""
+    rows = node._saved_indices.reshape(-1)
+    if node._saved_padding_idx >= 0:
+        rows = torch.where(rows == node._saved_padding_idx, table.shape[0], rows)
+    return rows, grad.reshape(*grad.shape[:batch_dims], -1, table.shape[1])
+
+
+def _collect_dense(
+    buckets: Sequence[Bucket], grads: Sequence[torch.Tensor | None], task: int, reached: list[list[bool]]
+) -> None:
+    """Copy this pass's gradients of the buckets' params (in bucket order) into workspace row ``task``."""
+    start = 0
     for bucket, bucket_reached in zip(buckets, reached):
-        grads = [p.grad for p in bucket.params]
+        bucket_grads = grads[start : start + len(bucket.params)]
+        start += len(bucket.params)
         rows = bucket.task_grad_views[task]
-        hit = [g is not None for g in grads]
-        for g, p in zip(grads, bucket.params):
+        for g, p in zip(bucket_grads, bucket.params):
             if g is not None and g.layout != torch.strided:
                 raise TypeError(
                     f"MetaBalance: a balanced parameter of shape {tuple(p.shape)} received a {g.layout} gradient "
                     "where its first step had a dense one; keep each table sparse or dense for the whole training"
                 )
-        if all(hit):
-            torch._foreach_copy_(rows, grads)
+        if all(g is not None for g in bucket_grads):
+            torch._foreach_copy_(rows, list(bucket_grads))
         else:
-            for g, row in zip(grads, rows):
+            for g, row in zip(bucket_grads, rows):
                 if g is None:
                     row.zero_()
                 else:
                     row.copy_(g)
-        for i, p in enumerate(bucket.params):
-            p.grad = None
-            bucket_reached[i] = bucket_reached[i] or hit[i]
+        for i, g in enumerate(bucket_grads):
+            bucket_reached[i] = bucket_reached[i] or g is not None
 
 
 def _edge(tensor: torch.Tensor) -> tuple:
@@ -258,36 +275,66 @@ class Capture:
 
 
 def capture_task_grads(
-    losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], tables: Sequence[RowBucket] = ()
+    losses: Sequence[torch.Tensor],
+    buckets: Sequence[Bucket],
+    tables: Sequence[RowBucket],
+    leaves: Sequence[torch.Tensor],
+    lookups: dict[int, list],
 ) -> Capture:
-    """Run one backward per task, filling every bucket's workspace (see the module docstring).
+    """Run one backward per task (see the module docstring): the buckets' params' gradients go to the workspaces,
+    the tables' to their row buckets (at the lookups' outputs for the tables in ``lookups``, else the sparse
+    gradients autograd gives), the other ``leaves`` (towers) collect the plain sum.
 
-    On return the balanced params' ``.grad`` are None and the towers' hold this step's sums, until
+    On return the balanced params' ``.grad`` are None and the others' hold this step's sums, until
     :meth:`Capture.commit` or :meth:`Capture.abort`; on error every ``.grad`` is restored before the exception
     propagates.
     """
     balanced = {id(p) for bucket in [*buckets, *tables] for p in bucket.params}
-    capture = Capture(buckets, [leaf for leaf in reached_leaves(losses) if id(leaf) not in balanced], tables)
-    for p in capture.others:
-        p.grad = None
-    for p in capture.tables:
+    capture = Capture(buckets, [leaf for leaf in leaves if id(leaf) not in balanced], tables)
+    for p in [*capture.others, *capture.tables]:
         p.grad = None
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None
+    dense = [p for bucket in buckets for p in bucket.params]
+    cut = [
+        (bucket, i, node) for bucket in tables for i, p in enumerate(bucket.params) for node in lookups.get(id(p), [])
+    ]
+    uncut = [(bucket, i, p) for bucket in tables for i, p in enumerate(bucket.params) if id(p) not in lookups]
+    inputs = [*dense, *capture.others, *(p for _, _, p in uncut), *(GradientEdge(node, 0) for _, _, node in cut)]
+    sums: list[torch.Tensor | None] = [None] * len(capture.others)
     try:
         last = len(losses) - 1
         for task, loss in enumerate(losses):
             if task < last:
-                torch.autograd.backward(loss, retain_graph=True)
+                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
             elif last == 0:
-                torch.autograd.backward(loss)
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
             else:
                 # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
                 seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
-                torch.autograd.backward(list(losses), grad_tensors=seeds)
-            _collect_pass(buckets, task, capture.reached)
-            _collect_tables(tables, task)
+                grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
+            with torch.no_grad():
+                _collect_dense(buckets, grads[: len(dense)], task, capture.reached)
+                grads = grads[len(dense) :]
+                for j, g in enumerate(grads[: len(sums)]):
+                    if g is not None:
+                        sums[j] = g if sums[j] is None else sums[j] + g  # the order autograd accumulates in
+                grads = grads[len(sums) :]
+                for (bucket, i, p), g in zip(uncut, grads):
+                    if g is None:
+                        continue
+                    if g.layout == torch.strided:
+                        raise TypeError(
+                            f"MetaBalance: the table of shape {tuple(p.shape)} received a dense gradient after sparse "
+                            "ones; a table must get sparse gradients only (sparse=True in every lookup, no other use)"
+                        )
+                    bucket.add_task_rows(i, task, g._indices()[0], g._values())
+                for (bucket, i, node), g in zip(cut, grads[len(uncut) :]):
+                    if g is not None:
+                        bucket.add_task_rows(i, task, *lookup_rows(node, g, bucket.params[i], batch_dims=0))
+        for p, g in zip(capture.others, sums):
+            p.grad = g
     except BaseException:
         capture.abort()
         raise

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import GradientEdge
 
-from .capture import Bucket, Capture, leaf_edges, walk_graph
+from .capture import (
+    Bucket,
+    Capture,
+    leaf_edges,
+    lookup_only_tables,
+    lookup_rows,
+    sparse_gradient_params,
+    walk_graph,
+)
 from .tables import RowBucket
 
 
@@ -37,6 +45,8 @@ class SharedPlan:
     """When no autograd function above ``shared`` is reached from two losses (towers apart, losses distinct): per
     loss, the ``(node, input index, shared index)`` edges by which its graph takes ``shared``. Then one backward
     from all losses gives every task's gradient at ``shared``, read at those edges. None otherwise."""
+    sparse_ids: set[int]
+    """Balanced tables the bottom gives sparse gradients (``sparse=True`` lookups)."""
 
 
 def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
@@ -73,33 +83,19 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         )
     if not any(reached_shared):
         raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
-    below: dict[int, torch.Tensor] = {}
-    lookups: dict[int, list] = {}
-    other_parents: set[int] = set()
-    for node, leaf in leaf_edges(shared):
-        below.setdefault(id(leaf), leaf)
-        if id(leaf) not in balanced_ids:
-            continue
-        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
-        if is_lookup and leaf.dim() == 2:
-            lookups.setdefault(id(leaf), []).append(node)
-        else:
-            other_parents.add(id(leaf))
+    edges = list(leaf_edges(shared))
+    below = {id(leaf): leaf for _, leaf in edges}
     if not any(key in balanced_ids for key in below):
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
     bottom_others = [leaf for key, leaf in below.items() if key not in balanced_ids]
-    lookups = {key: nodes for key, nodes in lookups.items() if key not in other_parents}
-    return SharedPlan(list(shared), towers, bottom_others, lookups, tower_consumers)
-
-
-def _lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lookup's row ids ``[k]`` and per-task row gradients ``[T, k, d]``. Ids of the padding row become the table's
-    row count ("no row": their gradients must be ignored, as autograd gives the padding row none); marking instead
-    of removing keeps the shapes independent of the ids (no host sync)."""
-    rows = node._saved_indices.reshape(-1)
-    if node._saved_padding_idx >= 0:
-        rows = torch.where(rows == node._saved_padding_idx, table.shape[0], rows)
-    return rows, grad.reshape(num_tasks, -1, table.shape[1])
+    return SharedPlan(
+        list(shared),
+        towers,
+        bottom_others,
+        lookup_only_tables(edges, balanced_ids),
+        tower_consumers,
+        sparse_gradient_params(edges, balanced_ids),
+    )
 
 
 def _tower_gradients(
@@ -207,9 +203,9 @@ def capture_task_grads_through(
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
         num_tasks = len(losses)
 
-        def lookup_rows(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def rows_of(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             found = [(node, row_grads[node]) for node in lookups[id(p)]]
-            return [_lookup_rows(node, g, p, num_tasks) for node, g in found if g is not None]
+            return [lookup_rows(node, g, p, batch_dims=1) for node, g in found if g is not None]
 
         with torch.no_grad():
             for bucket, hit in zip(buckets, capture.reached):
@@ -225,7 +221,7 @@ def capture_task_grads_through(
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
-                    for rows, g in lookup_rows(p):
+                    for rows, g in rows_of(p):
                         bucket.add_shared_rows(i, rows, g)
             for p, g in zip(towers, tower_sums):
                 p.grad = g

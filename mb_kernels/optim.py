@@ -12,7 +12,7 @@ import torch
 
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
-from .capture import Bucket, capture_task_grads, sparse_gradient_params
+from .capture import Bucket, capture_task_grads, leaf_edges, lookup_only_tables, sparse_gradient_params
 from .capture_shared import capture_task_grads_through, plan_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
@@ -81,8 +81,8 @@ class MetaBalance(torch.optim.Optimizer):
         self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
         self._tables: list[tuple[dict, RowBucket]] = []
-        # (task count, ids of the dense tables balanced by rows) the buckets and tables were built for
-        self._built_for: tuple[int, frozenset[int]] | None = None
+        # (task count, looked-up table ids, sparse table ids) the buckets and row buckets were built for
+        self._built_for: tuple[int, frozenset[int], frozenset[int]] | None = None
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
         super().__init__(params, defaults)
         self._ddp: DistributedSync | None = None
@@ -329,8 +329,12 @@ class MetaBalance(torch.optim.Optimizer):
         losses = self._check_losses(losses)
         num_tasks = len(losses)
         balanced = {id(p) for group in self.param_groups for p in group["params"]}
-        plan = None
-        if shared_output is not None:
+        plan, edges = None, None
+        if shared_output is None:
+            edges = list(leaf_edges(losses))
+            lookups = lookup_only_tables(edges, balanced)
+            sparse_ids = sparse_gradient_params(edges, balanced)
+        else:
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
             try:
                 plan = plan_through(losses, shared, balanced)
@@ -341,14 +345,15 @@ class MetaBalance(torch.optim.Optimizer):
                     f"{err}. Under DDP, the outputs of ddp(...) can be copies made by DDP: compute the losses and "
                     "shared_output with ddp.module (MetaBalance does the gradient reduction itself)"
                 ) from None
-        # With shared_output, tables reached by lookups only are balanced by their rows (no [T, V, d] workspace).
-        lookup_tables = frozenset(plan.lookups) if plan is not None else frozenset()
+            lookups, sparse_ids = plan.lookups, plan.sparse_ids
+        # Tables reached by lookups only, and sparse-gradient tables, are balanced by their rows (no [T, V, d]
+        # workspace); the buckets follow what this step's graph says (a table switched to sparse=True, say).
+        layout_key = (num_tasks, frozenset(lookups), frozenset(sparse_ids))
         buckets_with_groups, tables_with_groups = self._buckets, self._tables
-        fresh = buckets_with_groups is None or self._built_for != (num_tasks, lookup_tables)
+        fresh = buckets_with_groups is None or self._built_for != layout_key
         if fresh:
-            sparse_ids = sparse_gradient_params(losses, balanced)
             buckets_with_groups, tables_with_groups = self._build_buckets(
-                num_tasks, sparse_ids, lookup_tables - sparse_ids
+                num_tasks, sparse_ids, frozenset(lookups) - sparse_ids
             )
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
@@ -356,7 +361,8 @@ class MetaBalance(torch.optim.Optimizer):
         for table in tables:
             table.clear()
         if plan is None:
-            capture = capture_task_grads(losses, buckets, tables)
+            leaves = list({id(leaf): leaf for _, leaf in edges}.values())
+            capture = capture_task_grads(losses, buckets, tables, leaves, lookups)
         else:
             capture = capture_task_grads_through(losses, buckets, plan, tables)
         table_grads: list[torch.Tensor | None] = []
@@ -395,7 +401,7 @@ class MetaBalance(torch.optim.Optimizer):
         capture.commit(outputs, table_grads)
         if fresh:
             self._buckets, self._tables = buckets_with_groups, tables_with_groups
-            self._built_for = (num_tasks, lookup_tables)
+            self._built_for = layout_key
             self._store_state(buckets_with_groups, tables_with_groups)
             self._warn_if_target_never_reaches([(b.norm_ema, b.params) for b in [*buckets, *tables]])
 

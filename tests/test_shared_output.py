@@ -296,3 +296,66 @@ def test_separate_towers_take_one_backward(model_cls, one_backward):
     shared = [h] if isinstance(h, torch.Tensor) else list(h)
     plan = plan_through(losses, shared, {id(p) for p in model.shared_parameters()})
     assert (plan.tower_consumers is not None) == one_backward
+
+
+class LookupsOrIndexing(nn.Module):
+    """Two tables looked up (one with padding_idx, looked up twice) and a tower per task; ``by_index`` reads the same
+    rows by indexing the weights instead (autograd's dense gradient, the [T, N] workspace path)."""
+
+    def __init__(self, by_index: bool):
+        super().__init__()
+        self.by_index = by_index
+        self.users = nn.Embedding(30, 5)
+        self.items = nn.Embedding(40, 5, padding_idx=3)
+        self.mix = nn.Linear(5, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.users.weight, self.items.weight, *self.mix.parameters()]
+
+    def _items(self, ids):
+        if not self.by_index:
+            return self.items(ids)
+        rows = self.items.weight[ids]
+        return torch.where((ids == 3)[:, None], rows.detach(), rows)  # the padding row gets no gradient
+
+    def losses(self, items, labels):
+        users = self.users.weight[items % 30] if self.by_index else self.users(items % 30)
+        h = torch.tanh(self.mix(users * self._items(items) + self._items((items * 7) % 40)))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+@pytest.mark.parametrize("shared_output", [False, True])
+@pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("C", 0.7, 0.9)])
+@pytest.mark.parametrize("fused", [False, None])
+def test_looked_up_tables_balance_like_the_workspace_path(shared_output, strategy, relax, beta, fused):
+    """Tables balanced by their looked-up rows (plain step and shared_output) against the same tables read by
+    indexing, which autograd gives dense gradients that go through the [T, N] workspace: float64, three steps."""
+    torch.manual_seed(5)
+    rows_model = LookupsOrIndexing(by_index=False).double()
+    index_model = LookupsOrIndexing(by_index=True).double()
+    index_model.load_state_dict(rows_model.state_dict())
+    kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=fused)
+    rows_mb = MetaBalance(rows_model.shared_parameters(), **kwargs)
+    index_mb = MetaBalance(index_model.shared_parameters(), **kwargs)
+    rows_opt = torch.optim.SGD(rows_model.parameters(), lr=0.5)
+    index_opt = torch.optim.SGD(index_model.parameters(), lr=0.5)
+    for step in range(3):
+        items, labels = _batch(step)
+        rows_opt.zero_grad(set_to_none=True)
+        index_opt.zero_grad(set_to_none=True)
+        losses, h = rows_model.losses(items, labels)
+        rows_mb.step(losses, shared_output=h if shared_output else None)
+        index_mb.step(index_model.losses(items, labels)[0])
+        for (name, p), q in zip(index_model.named_parameters(), rows_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+        for p, q in zip(index_model.shared_parameters(), rows_model.shared_parameters()):
+            torch.testing.assert_close(rows_mb.state[q]["norm_ema"], index_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        rows_opt.step()
+        index_opt.step()
+    assert [p for _, bucket in rows_mb._tables for p in bucket.params] == [
+        rows_model.users.weight,
+        rows_model.items.weight,
+    ]
+    assert not index_mb._tables  # indexing: the workspace path
