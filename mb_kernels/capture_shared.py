@@ -35,7 +35,7 @@ class SharedPlan:
     shared: list[torch.Tensor]
     towers: list[torch.Tensor]
     bottom_others: list[torch.Tensor]
-    """Non-balanced leaves below ``shared`` (a tower parameter also used in the bottom is in both lists)."""
+    """Non-balanced leaves below ``shared`` (none of them is also a tower leaf: refused)."""
     lookups: dict[int, list]
     """``{id(table): [EmbeddingBackward node, ...]}``: balanced tables the bottom reaches through ``nn.Embedding``
     lookups only. The batched backward stops at each lookup's output (a ``[T, rows, d]`` gradient of the looked-up
@@ -57,6 +57,16 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
             raise ValueError(
                 f"MetaBalance.step: shared_output[{i}] must be a tensor computed from the balanced parameters "
                 "(the shared bottom's output), with its graph (not detached, not a leaf)"
+            )
+    # The same tensor passed twice would get its gradient twice.
+    shared = list({(h.grad_fn, h.output_nr): h for h in reversed(shared)}.values())[::-1]
+    for i, h in enumerate(shared):
+        others = shared[:i] + shared[i + 1 :]
+        if others and any(walk_graph([h], others).reached_cut):
+            raise ValueError(
+                f"MetaBalance.step: shared_output[{i}] is computed from another tensor of shared_output; pass "
+                "tensors that do not depend on each other (e.g. only the outer one, if the towers read both, "
+                "call step(losses) without shared_output)"
             )
     # Each loss's graph above `shared` on its own: whether the towers share any node decides how the tower
     # gradients are taken (capture_task_grads_through).
@@ -87,6 +97,13 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
     below = {id(leaf): leaf for _, leaf in edges}
     if not any(key in balanced_ids for key in below):
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
+    both = [leaf for leaf in towers if id(leaf) in below]
+    if both:
+        shapes = ", ".join(str(tuple(p.shape)) for p in both[:5])
+        raise ValueError(
+            f"MetaBalance.step: parameter(s) of shape {shapes} are used both above and below shared_output; "
+            "call step(losses) without shared_output for this model"
+        )
     bottom_others = [leaf for key, leaf in below.items() if key not in balanced_ids]
     return SharedPlan(
         list(shared),
@@ -170,8 +187,7 @@ def capture_task_grads_through(
                 "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
                 "lookups only. Call step(losses) without shared_output for this model."
             )
-    tower_ids = {id(p) for p in towers}
-    capture = Capture(buckets, towers + [p for p in bottom_others if id(p) not in tower_ids], tables)
+    capture = Capture(buckets, towers + bottom_others, tables)
     for p in capture.others:
         p.grad = None
     for p in capture.tables:
@@ -195,9 +211,9 @@ def capture_task_grads_through(
             )
         except RuntimeError as err:
             raise RuntimeError(
-                "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (an "
-                "operation without a vmap rule, e.g. a custom autograd.Function?); call step(losses) without "
-                f"shared_output for this model. Cause: {err}"
+                "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (e.g. "
+                "an operation without a vmap rule, such as a custom autograd.Function); compute the losses again and "
+                f"call step(losses) without shared_output for this model. Cause: {err}"
             ) from err
         dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))

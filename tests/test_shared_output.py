@@ -202,7 +202,7 @@ def _grads(model):
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("case", ["detached", "around", "no-balanced", "not-a-tensor"])
+@pytest.mark.parametrize("case", ["detached", "around", "no-balanced", "not-a-tensor", "nested", "tower-below"])
 def test_bad_shared_output_raises_before_touching_anything(case):
     torch.manual_seed(2)
     model = SharedBottom()
@@ -222,6 +222,18 @@ def test_bad_shared_output_raises_before_touching_anything(case):
         bad = torch.tanh(model.towers[0][0](torch.randn(24, 8)))
         losses = [bad.sum() * k for k in (1.0, 2.0, 3.0)]
         match = "does not depend on any balanced parameter"
+    elif case == "nested":
+        # The towers read h and a tensor computed from h (wide & deep): both passed.
+        inner = model.embedding(items)
+        h = model.bottom(inner)
+        losses = [(t(h).squeeze(-1) + inner.sum(-1)).pow(2).mean() for t in model.towers]
+        bad, match = [inner, h], "computed from another tensor of shared_output"
+    elif case == "tower-below":
+        # A tower's first layer is also used inside the bottom.
+        first = model.towers[0][0]
+        h = model.bottom(model.embedding(items)) + first(model.bottom(model.embedding(items))).sum(-1, keepdim=True)
+        losses = [t(h).pow(2).mean() for t in model.towers]
+        bad, match = h, "used both above and below shared_output"
     else:
         bad, match = [h, 3.0], "must be a tensor"
     before = _grads(model)
@@ -359,3 +371,17 @@ def test_looked_up_tables_balance_like_the_workspace_path(shared_output, strateg
         rows_model.items.weight,
     ]
     assert not index_mb._tables  # indexing: the workspace path
+
+
+@pytest.mark.parametrize("model_cls", [SharedBottom, TwoOutputs])  # separate towers; a head shared by the losses
+def test_a_tensor_passed_twice_counts_once(model_cls):
+    torch.manual_seed(6)
+    plain_model = model_cls().double()
+    fast_model = copy.deepcopy(plain_model)
+    items, labels = _batch(2)
+    MetaBalance(plain_model.shared_parameters(), fused=False).step(plain_model.losses(items, labels)[0])
+    losses, h = fast_model.losses(items, labels)
+    shared = [h, h] if isinstance(h, torch.Tensor) else [*h, h[0]]
+    MetaBalance(fast_model.shared_parameters(), fused=False).step(losses, shared_output=shared)
+    for p, q in zip(plain_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)

@@ -426,8 +426,11 @@ def test_training_step_under_torch_compile(device, launches):
         train_step(model, *eager, items, labels)
         launches.clear()
         (train_step if seed == 0 else compiled_step)(twin, *compiled, items, labels)
-        assert len(launches) == 2
+        # Two kernels per bucket: the dense one, and the embedding's row bucket when the lookup is visible (eager
+        # forward; inductor's compiled forward hides it, and the table then joins the dense bucket).
+        buckets = len(compiled[0]._buckets) + len(compiled[0]._tables)
+        assert len(launches) == 2 * buckets and buckets == (2 if seed == 0 else 1)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(eager[0].diagnostics(), compiled[0].diagnostics()):
-        torch.testing.assert_close(a["norm_ema"], b["norm_ema"], rtol=1e-5, atol=0.0)
+    for p, q in zip(model.shared_parameters(), twin.shared_parameters()):
+        torch.testing.assert_close(eager[0].state[p]["norm_ema"], compiled[0].state[q]["norm_ema"], rtol=1e-5, atol=0.0)
