@@ -47,6 +47,8 @@ class SharedPlan:
     from all losses gives every task's gradient at ``shared``, read at those edges. None otherwise."""
     sparse_ids: set[int]
     """Balanced tables the bottom gives sparse gradients (``sparse=True`` lookups)."""
+    below_ids: set[int]
+    """Every leaf below ``shared`` (the balanced parameters this step reaches)."""
 
 
 def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
@@ -112,6 +114,7 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         lookup_only_tables(edges, balanced_ids),
         tower_consumers,
         sparse_gradient_params(edges, balanced_ids),
+        set(below),
     )
 
 
@@ -181,7 +184,7 @@ def capture_task_grads_through(
     shared, towers, bottom_others, lookups = plan.shared, plan.towers, plan.bottom_others, plan.lookups
     balanced = [p for bucket in buckets for p in bucket.params]
     for table in (p for bucket in tables for p in bucket.params):
-        if id(table) not in lookups:
+        if id(table) in plan.below_ids and id(table) not in lookups:
             raise ValueError(
                 f"MetaBalance.step: the sparse table of shape {tuple(table.shape)} is reached other than by "
                 "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
@@ -220,7 +223,7 @@ def capture_task_grads_through(
         num_tasks = len(losses)
 
         def rows_of(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            found = [(node, row_grads[node]) for node in lookups[id(p)]]
+            found = [(node, row_grads[node]) for node in lookups.get(id(p), [])]
             return [lookup_rows(node, g, p, batch_dims=1) for node, g in found if g is not None]
 
         with torch.no_grad():

@@ -88,6 +88,23 @@ class DistributedSync:
         self._mean(flat)
         torch._foreach_copy_(grads, [seg.view_as(g) for seg, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
+    def agree_on_row_tables(
+        self, params: Sequence[torch.Tensor], rows: set[int], sparse: set[int], reached: set[int]
+    ) -> tuple[set[int], set[int]]:
+        """The row tables and sparse tables every rank uses, from each rank's own view (ranks' graphs may differ:
+        a table one rank's batch skips): a tensor is a row table where some rank wants it and no rank reaches it
+        other than as one; sparse where some rank says so. One small all-reduce and host read per step."""
+        flags = torch.tensor(
+            [[id(p) in reached and id(p) not in rows, id(p) in rows, id(p) in sparse] for p in params],
+            dtype=torch.int32,
+        )
+        device = params[0].device if params else torch.device("cpu")
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        agreed = flags.tolist()
+        rows = {id(p) for p, (blocked, wanted, _) in zip(params, agreed) if wanted and not blocked}
+        return rows, {id(p) for p, (_, _, is_sparse) in zip(params, agreed) if is_sparse} & rows
+
     def gather_rows(self, bucket: RowBucket) -> None:
         """Replace every table's parts in ``bucket`` by all ranks' rows, divided by the world size: the tables'
         global per-task gradients (the mean over ranks, as for the workspaces), in every mode. Each rank's rows are

@@ -334,6 +334,7 @@ class MetaBalance(torch.optim.Optimizer):
             edges = list(leaf_edges(losses))
             lookups = lookup_only_tables(edges, balanced)
             sparse_ids = sparse_gradient_params(edges, balanced)
+            reached = {id(leaf) for _, leaf in edges}
         else:
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
             try:
@@ -345,16 +346,13 @@ class MetaBalance(torch.optim.Optimizer):
                     f"{err}. Under DDP, the outputs of ddp(...) can be copies made by DDP: compute the losses and "
                     "shared_output with ddp.module (MetaBalance does the gradient reduction itself)"
                 ) from None
-            lookups, sparse_ids = plan.lookups, plan.sparse_ids
-        # Tables reached by lookups only, and sparse-gradient tables, are balanced by their rows (no [T, V, d]
-        # workspace); the buckets follow what this step's graph says (a table switched to sparse=True, say).
-        layout_key = (num_tasks, frozenset(lookups), frozenset(sparse_ids))
+            lookups, sparse_ids, reached = plan.lookups, plan.sparse_ids, plan.below_ids
+        row_ids, sparse_ids = self._row_tables(balanced, set(lookups), sparse_ids, reached)
+        layout_key = (num_tasks, row_ids, sparse_ids)
         buckets_with_groups, tables_with_groups = self._buckets, self._tables
         fresh = buckets_with_groups is None or self._built_for != layout_key
         if fresh:
-            buckets_with_groups, tables_with_groups = self._build_buckets(
-                num_tasks, sparse_ids, frozenset(lookups) - sparse_ids
-            )
+            buckets_with_groups, tables_with_groups = self._build_buckets(num_tasks, sparse_ids, row_ids - sparse_ids)
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]
@@ -404,6 +402,23 @@ class MetaBalance(torch.optim.Optimizer):
             self._built_for = layout_key
             self._store_state(buckets_with_groups, tables_with_groups)
             self._warn_if_target_never_reaches([(b.norm_ema, b.params) for b in [*buckets, *tables]])
+
+    def _row_tables(
+        self, balanced: set[int], lookups: set[int], sparse_ids: set[int], reached: set[int]
+    ) -> tuple[frozenset[int], frozenset[int]]:
+        """Which balanced tensors are balanced by rows this step, and which of them give sparse results: the tables
+        this step's graph reaches through lookups only or gives sparse gradients, and those that were row tables
+        before and are not reached now (so that a batch that skips a table neither moves it into a ``[T, V, d]``
+        workspace nor rebuilds the buckets). Under DDP every rank must agree: see
+        :meth:`~mb_kernels.distributed.DistributedSync.agree_on_row_tables`."""
+        _, previous_rows, previous_sparse = self._built_for or (None, frozenset(), frozenset())
+        unreached = balanced - reached
+        rows = lookups | sparse_ids | (previous_rows & unreached)
+        sparse = sparse_ids | (previous_sparse & unreached)
+        if self._ddp is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            rows, sparse = self._ddp.agree_on_row_tables(params, rows, sparse, reached)
+        return frozenset(rows), frozenset(sparse & rows)
 
     def _warn_if_target_never_reaches(self, emas_and_params: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
         """After the first step of a layout (one host read, once): warn when a balanced tensor has m_0 == 0 but

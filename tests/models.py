@@ -40,15 +40,16 @@ class TinyMultiTask(nn.Module):
         return self.losses_and_shared(items, labels)[0]
 
     def losses_and_shared(self, items: torch.Tensor, labels: torch.Tensor):
-        """The losses and the tensors the towers take (``shared_output``: ``extra`` is added before the towers)."""
+        """The losses and the tensors the towers take from the shared part (``shared_output``): the bottom's output
+        and ``extra`` (as a computed tensor, ``extra * 1``, exactly ``extra``)."""
         hidden = self.bottom(self.embedding(items))
-        out, features = [], [hidden]
+        extra = self.extra * 1.0
+        out = []
         for t, tower in enumerate(self.towers):
-            if t > 0:
-                features.append(hidden + self.extra)
-            logits = tower(features[-1]).squeeze(-1)
+            features = hidden if t == 0 else hidden + extra
+            logits = tower(features).squeeze(-1)
             out.append(nn.functional.binary_cross_entropy_with_logits(logits, labels[:, t]))
-        return out, features
+        return out, [hidden, extra]
 
 
 def batch(seed: int, num_tasks: int = 3, size: int = 32, num_items: int = 50, dtype=torch.float32):

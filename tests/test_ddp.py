@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mb_kernels import MetaBalance
@@ -114,3 +116,80 @@ def test_low_comm_mode_keeps_ranks_identical_and_close(tmp_path, sparse):
 def test_ddp_module_must_be_ddp():
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         MetaBalance(TinyMultiTask().shared_parameters(), ddp_module=torch.nn.Linear(2, 2))
+
+
+class SkippedTable(nn.Module):
+    """A side table looked up only for items < 10, by Python control flow: a rank whose batch has none never
+    reaches it, the other does (the ranks' graphs differ)."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 8)
+        self.side = nn.Embedding(20, 8, sparse=sparse)
+        self.bottom = nn.Linear(8, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+
+    def shared_parameters(self):
+        return [self.embedding.weight, self.side.weight, *self.bottom.parameters()]
+
+    def forward(self, items, labels):
+        x = self.embedding(items)
+        small = items < 10
+        if bool(small.any()):
+            x = x + self.side(items % 20) * small[:, None]
+        h = torch.tanh(self.bottom(x))
+        losses = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return losses, h
+
+
+def _skipped_batch(step, rank=None):
+    """32 items, 16 per rank; rank 1's never below 10."""
+    gen = torch.Generator().manual_seed(100 + step)
+    items = torch.cat([torch.randint(0, 50, (16,), generator=gen), torch.randint(10, 50, (16,), generator=gen)])
+    labels = (torch.rand(32, 3, generator=gen) < 0.3).double()
+    if rank is None:
+        return items, labels
+    return items[rank * 16 : (rank + 1) * 16], labels[rank * 16 : (rank + 1) * 16]
+
+
+def _skipped_model(sparse):
+    torch.manual_seed(1)
+    return SkippedTable(sparse).double()
+
+
+def _skipped_worker(rank, port, out_dir, shared_output, sparse):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _skipped_model(sparse)
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            losses, h = model(*_skipped_batch(step, rank))
+            mb.step(losses, shared_output=h if shared_output else None)
+            optimizer.step()
+        torch.save({"params": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, True)])
+def test_ranks_whose_graphs_differ_agree_and_equal_one_process(tmp_path, shared_output, sparse):
+    """Rank 1 never looks the side table up: the ranks agree on which tables are balanced by rows (no collective
+    mismatch) and end where one process does on the concatenated batch."""
+    args = (_free_port(), str(tmp_path), shared_output, sparse)
+    mp.start_processes(_skipped_worker, args=args, nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = _skipped_model(False)
+    mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        mb.step(model(*_skipped_batch(step))[0])
+        optimizer.step()
+    for rank in ranks:
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-10, atol=1e-12, msg=name)

@@ -385,3 +385,37 @@ def test_a_tensor_passed_twice_counts_once(model_cls):
     MetaBalance(fast_model.shared_parameters(), fused=False).step(losses, shared_output=shared)
     for p, q in zip(plain_model.parameters(), fast_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_a_table_a_batch_skips_stays_balanced_by_rows():
+    """A step that does not look a table up keeps it in its row bucket: no rebuild, no [T, V, d] workspace, the
+    same results as the workspace path (indexing)."""
+    torch.manual_seed(7)
+    rows_model = LookupsOrIndexing(by_index=False).double()
+    index_model = LookupsOrIndexing(by_index=True).double()
+    index_model.load_state_dict(rows_model.state_dict())
+    rows_mb = MetaBalance(rows_model.shared_parameters(), fused=None)
+    index_mb = MetaBalance(index_model.shared_parameters(), fused=None)
+    for step in range(4):
+        items, labels = _batch(step)
+        for model in (rows_model, index_model):
+            model.zero_grad(set_to_none=True)
+        if step == 2:  # the users table is not looked up
+            losses = [t(torch.tanh(rows_model.mix(rows_model.items(items)))).pow(2).mean() for t in rows_model.towers]
+            twins = [
+                t(torch.tanh(index_model.mix(index_model._items(items)))).pow(2).mean() for t in index_model.towers
+            ]
+        else:
+            losses, twins = rows_model.losses(items, labels)[0], index_model.losses(items, labels)[0]
+        rows_mb.step(losses)
+        index_mb.step(twins)
+        if step == 0:
+            built = rows_mb._buckets
+        assert rows_mb._buckets is built  # never rebuilt
+        for (name, p), q in zip(index_model.named_parameters(), rows_model.parameters()):
+            if p.grad is None:
+                assert q.grad is None, name
+            else:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+        for p, q in zip(index_model.shared_parameters(), rows_model.shared_parameters()):
+            torch.testing.assert_close(rows_mb.state[q]["norm_ema"], index_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
