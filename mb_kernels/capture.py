@@ -303,6 +303,7 @@ def capture_task_grads(
     uncut = [(bucket, i, p) for bucket in tables for i, p in enumerate(bucket.params) if id(p) not in lookups]
     inputs = [*dense, *capture.others, *(p for _, _, p in uncut), *(GradientEdge(node, 0) for _, _, node in cut)]
     sums: list[torch.Tensor | None] = [None] * len(capture.others)
+    cut_grads: list[list[torch.Tensor | None]] = [[None] * len(losses) for _ in cut]
     try:
         last = len(losses) - 1
         for task, loss in enumerate(losses):
@@ -330,9 +331,16 @@ def capture_task_grads(
                             "ones; a table must get sparse gradients only (sparse=True in every lookup, no other use)"
                         )
                     bucket.add_task_rows(i, task, g._indices()[0], g._values())
-                for (bucket, i, node), g in zip(cut, grads[len(uncut) :]):
-                    if g is not None:
-                        bucket.add_task_rows(i, task, *lookup_rows(node, g, bucket.params[i], batch_dims=0))
+                for rows, g in zip(cut_grads, grads[len(uncut) :]):
+                    rows[task] = g
+        with torch.no_grad():
+            # A lookup's ids are the same for every task: one [T, k, d] part, not T parts of k rows each.
+            for (bucket, i, node), per_task in zip(cut, cut_grads):
+                present = [g for g in per_task if g is not None]
+                if present:
+                    zero = torch.zeros_like(present[0])
+                    values = torch.stack([zero if g is None else g for g in per_task])
+                    bucket.add_shared_rows(i, *lookup_rows(node, values, bucket.params[i], batch_dims=1))
         for p, g in zip(capture.others, sums):
             p.grad = g
     except BaseException:

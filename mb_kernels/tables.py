@@ -52,9 +52,6 @@ class _GroupPlan:
     last: torch.Tensor
     first: torch.Tensor
     rows: torch.Tensor
-    grouped: torch.Tensor | None = None
-    """The ``[T, K, d]`` accumulation buffer, kept between steps (nothing outside the step refers to it): zeroing
-    mapped memory is much cheaper than a fresh allocation of this size on CPU."""
 
 
 class RowBucket:
@@ -86,7 +83,10 @@ class RowBucket:
             bounds.append(bounds[-1] + p.shape[0] + 1)
         self.id_offsets = bounds[:-1]
         self.parts: list[list[Part]] = [[] for _ in params]
-        self._plans: dict[tuple[int, ...], _GroupPlan] = {}
+        self._plans: dict[tuple[int, ...], _GroupPlan] = {}  # least recently used first
+        # The [T, K, d] accumulation buffer, grown to the largest K seen and kept between steps (nothing outside
+        # the step refers to it): zeroing mapped memory is much cheaper than a fresh allocation of this size on CPU.
+        self._buffer = torch.zeros(0, dtype=state_dtype(self.dtype), device=self.device)
 
     def norm_ema_views(self) -> list[torch.Tensor]:
         return list(self.norm_ema.unbind(0))
@@ -119,8 +119,10 @@ class RowBucket:
         self.parts = [[] for _ in self.params]
 
     def _plan(self, counts: tuple[int, ...]) -> _GroupPlan:
-        plan = self._plans.get(counts)
-        if plan is None:
+        plan = self._plans.pop(counts, None)
+        if plan is not None:
+            self._plans[counts] = plan  # most recently used
+        else:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.pop(next(iter(self._plans)))
             starts = [0]
@@ -190,9 +192,10 @@ class RowBucket:
         acc = state_dtype(self.dtype)
         total = sum(plan.counts)
         num_tables = len(self.params)
-        if plan.grouped is None:
-            plan.grouped = torch.empty(self.num_tasks, total, self.width, dtype=acc, device=self.device)
-        grouped = plan.grouped.zero_()
+        size = self.num_tasks * total * self.width
+        if self._buffer.numel() < size:
+            self._buffer = torch.empty(size, dtype=acc, device=self.device)
+        grouped = self._buffer[:size].view(self.num_tasks, total, self.width).zero_()
         if total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
