@@ -110,11 +110,9 @@ class DistributedSync:
         global per-task gradients (the mean over ranks, as for the workspaces), in every mode. Each rank's rows are
         padded to the longest with the "no row" id; sizes are exchanged first (one host read)."""
         num_tables = len(bucket.params)
-        sizes = torch.zeros(num_tables, 2, dtype=torch.int64, device=bucket.device)
         rows = [bucket.rows_of(i) for i in range(num_tables)]
-        for i, (ids, _) in enumerate(rows):
-            sizes[i, 0] = int(bool(bucket.parts[i]))
-            sizes[i, 1] = ids.numel()
+        sizes = torch.tensor([[int(bool(bucket.parts[i])), ids.numel()] for i, (ids, _) in enumerate(rows)])
+        sizes = sizes.to(bucket.device)
         every = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(every, sizes, group=self.group)
         per_rank = torch.stack(every).tolist()  # [rank][table] = (reached, ids)

@@ -187,7 +187,8 @@ class RowBucket:
         holds its j-th smallest distinct id and, in row t of ``block``, task t's summed gradient of that row; its
         other slots are zero. An id equal to the table's row count means "no row" (a padding lookup): it is not
         counted and its values are ignored. Duplicates are summed in the accumulation dtype (float32 for half tables)
-        and rounded once to the table's dtype, as autograd's dense embedding backward does.
+        and rounded once to the table's dtype (as autograd's dense embedding backward does on CUDA; on CPU it sums
+        half tables' duplicates in their own dtype, so this is the more accurate of the two).
         """
         acc = state_dtype(self.dtype)
         total = sum(plan.counts)
