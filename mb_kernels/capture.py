@@ -268,8 +268,10 @@ class Capture:
         for p, had, g in zip(self.tables, self.tables_saved, table_grads):
             if g is None or had is None:
                 p.grad = had if g is None else g
-            elif had.layout == torch.strided and g.layout == torch.strided:
-                p.grad = had.add_(g)  # in place, as autograd accumulates a dense gradient
+            elif had.layout == torch.strided:
+                p.grad = had.add_(g)  # in place, as autograd accumulates into a dense gradient
+            elif g.layout == torch.strided:
+                p.grad = g.add_(had)  # a sparse gradient from before plus this step's dense one (ours to modify)
             else:
                 p.grad = had + g
 

@@ -357,3 +357,20 @@ def test_step_inside_torch_compile_matches_eager():
         torch.testing.assert_close(p, q)
     for p, q in zip(model.shared_parameters(), twin.shared_parameters()):
         torch.testing.assert_close(eager[0].state[p]["norm_ema"], compiled[0].state[q]["norm_ema"])
+
+
+def test_a_table_switched_to_dense_accumulates_onto_its_earlier_sparse_gradient():
+    """Accumulation across a switch: a sparse .grad kept from before, then a dense step (and the reverse)."""
+    torch.manual_seed(1)
+    embedding = nn.Embedding(10, 4, sparse=True).double()
+    towers = [nn.Linear(4, 1).double() for _ in range(2)]
+    twin = copy.deepcopy(embedding)
+    mb = MetaBalance(embedding.parameters(), fused=False)
+    reference = MetaBalance(twin.parameters(), fused=False)
+    for sparse in (True, False, True):
+        ids = torch.tensor([1, 2, 2, 5])
+        embedding.sparse = sparse
+        mb.step([tower(embedding(ids)).sum() for tower in towers])  # grads never zeroed: they accumulate
+        reference.step([tower(twin.weight[ids]).sum() for tower in towers])
+        got = embedding.weight.grad.to_dense() if embedding.weight.grad.is_sparse else embedding.weight.grad
+        torch.testing.assert_close(got, twin.weight.grad, rtol=1e-12, atol=1e-14)
