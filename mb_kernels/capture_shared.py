@@ -51,6 +51,10 @@ class SharedPlan:
     """Every leaf below ``shared`` (the balanced parameters this step reaches)."""
 
 
+def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(str(tuple(p.shape)) for p in tensors[:5])
+
+
 def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
     """Check that ``shared`` separates the losses from the balanced parameters and find the lookups; raises
     ValueError (nothing touched) when it does not."""
@@ -87,11 +91,10 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
     if leaking:
-        shapes = ", ".join(str(tuple(p.shape)) for p in leaking[:5])
         raise ValueError(
-            f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {shapes} without passing through "
-            "shared_output; pass every tensor the towers take from the shared bottom (a sequence is accepted), "
-            "or call step(losses) without shared_output"
+            f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {_shapes(leaking)} without passing "
+            "through shared_output; pass every tensor the towers take from the shared bottom (a sequence is "
+            "accepted), or call step(losses) without shared_output"
         )
     if not any(reached_shared):
         raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
@@ -101,9 +104,8 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         raise ValueError("MetaBalance.step: shared_output does not depend on any balanced parameter")
     both = [leaf for leaf in towers if id(leaf) in below]
     if both:
-        shapes = ", ".join(str(tuple(p.shape)) for p in both[:5])
         raise ValueError(
-            f"MetaBalance.step: parameter(s) of shape {shapes} are used both above and below shared_output; "
+            f"MetaBalance.step: parameter(s) of shape {_shapes(both)} are used both above and below shared_output; "
             "call step(losses) without shared_output for this model"
         )
     bottom_others = [leaf for key, leaf in below.items() if key not in balanced_ids]

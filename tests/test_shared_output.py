@@ -138,6 +138,16 @@ def _batch(seed):
     return items, labels
 
 
+def _assert_same_step(expected_model, expected_mb, model, mb):
+    """Every .grad (None where the expected one is None) and every moving average equal, float64 rounding aside."""
+    for (name, p), q in zip(expected_model.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+    for p, q in zip(expected_model.shared_parameters(), model.shared_parameters()):
+        torch.testing.assert_close(mb.state[q]["norm_ema"], expected_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -161,12 +171,7 @@ def test_shared_output_equals_plain_step(device, model_cls, strategy, relax, bet
         plain_mb.step(plain_model.losses(items, labels)[0])
         losses, shared = fast_model.losses(items, labels)
         fast_mb.step(losses, shared_output=shared)
-        for (name, p), q in zip(plain_model.named_parameters(), fast_model.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
-        for p, q in zip(plain_model.shared_parameters(), fast_model.shared_parameters()):
-            torch.testing.assert_close(fast_mb.state[q]["norm_ema"], plain_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        _assert_same_step(plain_model, plain_mb, fast_model, fast_mb)
         plain_opt.step()
         fast_opt.step()
 
@@ -268,7 +273,7 @@ def test_looked_up_tables_get_no_dense_per_task_workspace():
 
 
 def test_alternating_plain_and_shared_steps_continue_the_same_averages():
-    """The tables move between the workspace (plain step) and row balancing (shared_output) with their state."""
+    """Plain and shared_output steps alternating on one balancer: the plain step's results every step."""
     torch.manual_seed(4)
     plain_model = TwoOutputs().double()
     mixed_model = copy.deepcopy(plain_model)
@@ -286,10 +291,7 @@ def test_alternating_plain_and_shared_steps_continue_the_same_averages():
             mixed_mb.step(losses)
         else:
             mixed_mb.step(losses, shared_output=shared)
-        for p, q in zip(plain_model.parameters(), mixed_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13)
-        for p, q in zip(plain_model.shared_parameters(), mixed_model.shared_parameters()):
-            torch.testing.assert_close(mixed_mb.state[q]["norm_ema"], plain_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        _assert_same_step(plain_model, plain_mb, mixed_model, mixed_mb)
         plain_opt.step()
         mixed_opt.step()
     assert mixed_mb.state_dict()["state"].keys() == plain_mb.state_dict()["state"].keys()
@@ -360,10 +362,7 @@ def test_looked_up_tables_balance_like_the_workspace_path(shared_output, strateg
         losses, h = rows_model.losses(items, labels)
         rows_mb.step(losses, shared_output=h if shared_output else None)
         index_mb.step(index_model.losses(items, labels)[0])
-        for (name, p), q in zip(index_model.named_parameters(), rows_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
-        for p, q in zip(index_model.shared_parameters(), rows_model.shared_parameters()):
-            torch.testing.assert_close(rows_mb.state[q]["norm_ema"], index_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        _assert_same_step(index_model, index_mb, rows_model, rows_mb)
         rows_opt.step()
         index_opt.step()
     assert [p for _, bucket in rows_mb._tables for p in bucket.params] == [
@@ -412,10 +411,4 @@ def test_a_table_a_batch_skips_stays_balanced_by_rows():
         if step == 0:
             built = rows_mb._buckets
         assert rows_mb._buckets is built  # never rebuilt
-        for (name, p), q in zip(index_model.named_parameters(), rows_model.parameters()):
-            if p.grad is None:
-                assert q.grad is None, name
-            else:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
-        for p, q in zip(index_model.shared_parameters(), rows_model.shared_parameters()):
-            torch.testing.assert_close(rows_mb.state[q]["norm_ema"], index_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
+        _assert_same_step(index_model, index_mb, rows_model, rows_mb)
