@@ -5,6 +5,8 @@ The paper network (``bench.recsys``) with 200K-row user and item tables on CPU (
 
 - ``vanilla``: ``sum(losses).backward()``, dense embedding gradients, Adam on everything;
 - ``vanilla-sparse``: the same with ``sparse=True`` embeddings, SparseAdam on the tables, Adam on the rest;
+- ``original-style``: the original implementation's control flow (one backward per task, a per-tensor loop; dense
+  gradients only), Adam;
 - ``mb``: ``MetaBalance(fused=None).step(losses)``, dense gradients, Adam;
 - ``mb+shared_output``: ``step(losses, shared_output=h)``, dense gradients, Adam;
 - ``mb-sparse``: ``step(losses)`` with ``sparse=True`` embeddings (sparse tables), SparseAdam + Adam;
@@ -25,7 +27,15 @@ from bench.recsys import NUM_TASKS, random_batches, task_losses, task_losses_and
 from experiments.recsys.model import MultiTaskNCF
 from mb_kernels import MetaBalance
 
-VARIANTS = ("vanilla", "vanilla-sparse", "mb", "mb+shared_output", "mb-sparse", "mb-sparse+shared_output")
+VARIANTS = (
+    "vanilla",
+    "vanilla-sparse",
+    "original-style",
+    "mb",
+    "mb+shared_output",
+    "mb-sparse",
+    "mb-sparse+shared_output",
+)
 
 
 def table_rows(device: str) -> int:
@@ -49,7 +59,12 @@ def _step(variant: str, model: nn.Module, batches):
         optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
     else:
         optimizers = [torch.optim.Adam(model.parameters(), lr=1e-3)]
-    balancer = None if variant.startswith("vanilla") else MetaBalance(model.shared_parameters(), fused=None)
+    if variant.startswith("vanilla"):
+        balancer = None
+    elif variant == "original-style":
+        balancer = common.OriginalStyleMetaBalance(model.shared_parameters())
+    else:
+        balancer = MetaBalance(model.shared_parameters(), fused=None)
     which = itertools.cycle(batches)
 
     def step():

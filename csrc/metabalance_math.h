@@ -47,14 +47,29 @@ MB_HOST_DEVICE acc_t ema_step(acc_t old_ema, acc_t norm, const Hyper<acc_t>& h) 
   return norm - norm == acc_t(0) ? old_ema * h.beta + norm * h.one_minus_beta : old_ema;
 }
 
+// The largest finite value of the accumulation type (no <limits> on the device side).
+template <typename acc_t>
+struct Largest;
+template <>
+struct Largest<float> {
+  static constexpr float value = 3.40282346638528859811704183484516925e+38F;
+};
+template <>
+struct Largest<double> {
+  static constexpr double value = 1.79769313486231570814527423731704357e+308;
+};
+
 // w_t for an auxiliary task t >= 1 from the updated averages m_t and m_0 (w_0 is 1 by definition).
 // m_t == 0 (the task never reached the tensor) gives w = 1, never 0/0. (m_0/m_t - 1) r + 1 is evaluated as
-// r m_0/m_t + (1 - r): both terms are >= 0, so there is no cancellation when m_0/m_t << 1.
+// r m_0/m_t + (1 - r): both terms are >= 0, so there is no cancellation when m_0/m_t << 1. m_0/m_t is capped at the
+// largest finite value (it overflows when m_t is subnormal): r = 0 then still gives w = 1, and w * 0 stays 0.
 template <typename acc_t>
 MB_HOST_DEVICE acc_t aux_weight(acc_t m_t, acc_t m_0, const Hyper<acc_t>& h) {
   const bool rescale = h.strategy == Strategy::kAll ||
       (h.strategy == Strategy::kShrinkDominant ? m_t > m_0 : m_t < m_0);
-  return rescale && m_t != acc_t(0) ? (m_0 / m_t) * h.relax + h.one_minus_relax : acc_t(1);
+  if (!rescale || m_t == acc_t(0)) return acc_t(1);
+  const acc_t ratio = m_0 / m_t;
+  return (ratio < Largest<acc_t>::value ? ratio : Largest<acc_t>::value) * h.relax + h.one_minus_relax;
 }
 
 // One tensor's step: ema[t] updated from norm[t] = sqrt(sum of squares), then w[t] from the updated averages.

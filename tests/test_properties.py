@@ -44,3 +44,17 @@ def test_random_problems_match_reference(backend):
         assert_matches_truth(outs, ema, expected, num_tasks, label=f"{backend} {sizes} T={num_tasks} {dtype}")
 
     check()
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("relax_factor", [0.0, 0.5])
+def test_a_subnormal_moving_average_gives_a_finite_weight(backend, relax_factor):
+    """Found by this file's search: a task whose gradient turns zero after one step, with beta = 2^-126, has a
+    subnormal m_t; m_0/m_t overflowed float32, and r = 0 gave 0 * Inf = NaN where the weight is 1."""
+    sizes = [0, 0, 0, 0, 0, 1]
+    grads = [torch.tensor([[0.0085], [0.0179], [0.0129]]), torch.tensor([[0.0737], [-4.3363], [-0.0]])]
+    fn = BACKENDS[backend].loader()
+    outs, ema = run_steps(fn, grads, sizes, relax_factor, 1.175494351e-38, "B")
+    assert 0 < float(ema[-1, 2]) < 2.0**-126  # the subnormal average
+    expected = truth(grads, sizes, relax_factor, 1.175494351e-38, "B")
+    assert_matches_truth(outs, ema, expected, 3, label=backend)

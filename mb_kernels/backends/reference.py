@@ -14,7 +14,9 @@ workspace) and tasks t = 0..T-1 (t = 0 is the target), per tensor p (Algorithm 2
 Strategy A rescales task t when m_t > m_0, B when m_t < m_0, C always. ``r`` is the relax factor
 (r = 0: plain sum, Vanilla-Multi; r = 1: every rescaled auxiliary gets the target's magnitude), ``beta`` the
 moving-average factor (m = 0 before the first step). The weight is the paper's (m_0/m_t - 1) r + 1, evaluated as
-r m_0/m_t + (1 - r) (see :func:`balance_weights`). G is accumulated in the state dtype and rounded once into
+r m_0/m_t + (1 - r) with m_0/m_t capped at the state dtype's largest finite value (see :func:`balance_weights`;
+the cap only matters for a subnormal m_t, where the ratio would overflow and 0 * Inf turn r = 0 into NaN). G is
+accumulated in the state dtype and rounded once into
 the gradient dtype. Every condition is a ``torch.where`` on device tensors: no host synchronisation on tensor
 values.
 
@@ -49,8 +51,10 @@ def balance_weights(norm_ema: torch.Tensor, relax_factor: float, strategy: str) 
     rescale[:, 0] = False
     safe_ema = torch.where(norm_ema != 0, norm_ema, torch.ones_like(norm_ema))
     # (m_0/m_t - 1) r + 1 evaluated as r m_0/m_t + (1 - r): both terms are >= 0, so no cancellation
-    # when m_0/m_t << 1 (the literal form loses ~eps/w relative accuracy there).
-    scaled = (target / safe_ema) * relax_factor + (1.0 - relax_factor)
+    # when m_0/m_t << 1 (the literal form loses ~eps/w relative accuracy there). m_0/m_t is capped at the largest
+    # finite value (it overflows for a subnormal m_t): r = 0 still gives w = 1, and w * 0 stays 0.
+    ratio = (target / safe_ema).clamp(max=torch.finfo(norm_ema.dtype).max)
+    scaled = ratio * relax_factor + (1.0 - relax_factor)
     return torch.where(rescale, scaled, torch.ones_like(norm_ema))
 
 

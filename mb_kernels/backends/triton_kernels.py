@@ -175,8 +175,12 @@ def metabalance_combine_kernel(
     safe = tl.where(ema != 0.0, ema, 1.0)
     if ACC == tl.float32:
         ratio = tl.math.div_rn(tl.full([T_BLOCK], 0.0, ACC) + target, safe)
+        largest = tl.full([T_BLOCK], 3.4028234663852886e38, ACC)
     else:
         ratio = target / safe
+        largest = tl.full([T_BLOCK], 1.7976931348623157e308, ACC)
+    # m_0/m_t capped at the largest finite value (it overflows for a subnormal m_t): r = 0 still gives w = 1.
+    ratio = tl.where(ratio < largest, ratio, largest)
     weights = tl.where(rescale, ratio * relax + one_minus_relax, 1.0)
 
     # 4. G = g_0 + sum_t w_t g_t in ACC, rounded once into the gradient dtype. A non-finite g_t stays
