@@ -200,7 +200,7 @@ def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return walk_graph(losses).leaves
 
 
-def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad`` with the strides autograd gives a fresh gradient of ``p``: the parameter's own when it is dense
     and non-overlapping (channels_last, transposed), else contiguous. Fused optimizers (Adam(fused=True)) pair
     a parameter's and its gradient's memory element by element, so the layouts must agree."""
@@ -210,6 +210,32 @@ def _autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if fresh.stride() == grad.stride():
         return grad
     return fresh.copy_(grad)
+
+
+class GradientSum:
+    """The plain sum of a non-balanced leaf's gradients over the passes, handed to ``.grad`` as autograd's
+    AccumulateGrad would: a tensor of the parameter's own (owned, dense) layout. A gradient ``autograd.grad``
+    returns may be shared with another leaf, expanded (stride 0) or a view into a larger buffer, so one that was
+    never added to is copied."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.owned = False
+
+    def add(self, g: torch.Tensor | None) -> None:
+        if g is None:
+            return
+        if self.total is None:
+            self.total = g
+        else:
+            self.total, self.owned = self.total + g, True  # the order autograd accumulates in
+
+    def result(self, p: torch.Tensor) -> torch.Tensor | None:
+        if self.total is None:
+            return None
+        if self.owned:
+            return autograd_layout(p, self.total)
+        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(self.total)
 
 
 class Capture:
@@ -249,7 +275,7 @@ class Capture:
                 if not hit:
                     p.grad = had
                 elif had is None:
-                    fresh.append((p, _autograd_layout(p, view)))
+                    fresh.append((p, autograd_layout(p, view)))
                 else:
                     accumulate_into.append(had)
                     accumulate_from.append(view)
@@ -298,13 +324,21 @@ def capture_task_grads(
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None
-    dense = [p for bucket in buckets for p in bucket.params]
+    reached = {id(leaf) for leaf in leaves}
+    # A balanced parameter this step does not reach (one frozen since, say) is no input: it keeps its .grad.
+    dense_all = [p for bucket in buckets for p in bucket.params]
+    dense = [p for p in dense_all if id(p) in reached]
     cut = [
         (bucket, i, node) for bucket in tables for i, p in enumerate(bucket.params) for node in lookups.get(id(p), [])
     ]
-    uncut = [(bucket, i, p) for bucket in tables for i, p in enumerate(bucket.params) if id(p) not in lookups]
+    uncut = [
+        (bucket, i, p)
+        for bucket in tables
+        for i, p in enumerate(bucket.params)
+        if id(p) not in lookups and id(p) in reached
+    ]
     inputs = [*dense, *capture.others, *(p for _, _, p in uncut), *(GradientEdge(node, 0) for _, _, node in cut)]
-    sums: list[torch.Tensor | None] = [None] * len(capture.others)
+    sums = [GradientSum() for _ in capture.others]
     cut_grads: list[list[torch.Tensor | None]] = [[None] * len(losses) for _ in cut]
     try:
         last = len(losses) - 1
@@ -318,11 +352,11 @@ def capture_task_grads(
                 seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
                 grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
             with torch.no_grad():
-                _collect_dense(buckets, grads[: len(dense)], task, capture.reached)
+                by_param = dict(zip(map(id, dense), grads[: len(dense)]))
+                _collect_dense(buckets, [by_param.get(id(p)) for p in dense_all], task, capture.reached)
                 grads = grads[len(dense) :]
-                for j, g in enumerate(grads[: len(sums)]):
-                    if g is not None:
-                        sums[j] = g if sums[j] is None else sums[j] + g  # the order autograd accumulates in
+                for total, g in zip(sums, grads[: len(sums)]):
+                    total.add(g)
                 grads = grads[len(sums) :]
                 for (bucket, i, p), g in zip(uncut, grads):
                     if g is None:
@@ -343,8 +377,8 @@ def capture_task_grads(
                     zero = torch.zeros_like(present[0])
                     values = torch.stack([zero if g is None else g for g in per_task])
                     bucket.add_shared_rows(i, *lookup_rows(node, values, bucket.params[i], batch_dims=1))
-        for p, g in zip(capture.others, sums):
-            p.grad = g
+        for p, total in zip(capture.others, sums):
+            p.grad = total.result(p)
     except BaseException:
         capture.abort()
         raise

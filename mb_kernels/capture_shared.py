@@ -18,6 +18,8 @@ from torch.autograd.graph import GradientEdge
 from .capture import (
     Bucket,
     Capture,
+    GradientSum,
+    autograd_layout,
     leaf_edges,
     lookup_only_tables,
     lookup_rows,
@@ -70,7 +72,7 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         others = shared[:i] + shared[i + 1 :]
         if others and any(walk_graph([h], others).reached_cut):
             raise ValueError(
-                f"MetaBalance.step: shared_output[{i}] is computed from another tensor of shared_output; pass "
+                "MetaBalance.step: a tensor of shared_output is computed from another one; pass "
                 "tensors that do not depend on each other (e.g. only the outer one, if the towers read both, "
                 "call step(losses) without shared_output)"
             )
@@ -125,7 +127,7 @@ def _tower_gradients(
     shared: Sequence[torch.Tensor],
     towers: Sequence[torch.Tensor],
     consumers: list[list[tuple]] | None,
-) -> tuple[list[list[torch.Tensor | None]], list[torch.Tensor | None]]:
+) -> tuple[list[list[torch.Tensor | None]], list[GradientSum]]:
     """Each task's gradient at every ``shared`` tensor (``[task][i]``, None: zero) and the towers' summed gradients,
     freeing the graph above ``shared``.
 
@@ -154,8 +156,11 @@ def _tower_gradients(
         finally:
             for handle in handles:
                 handle.remove()
-        return per_task_h, list(grads[len(shared) :])
-    tower_sums: list[torch.Tensor | None] = [None] * len(towers)
+        sums = [GradientSum() for _ in towers]
+        for total, g in zip(sums, grads[len(shared) :]):
+            total.add(g)
+        return per_task_h, sums
+    tower_sums = [GradientSum() for _ in towers]
     last = len(losses) - 1
     for task, loss in enumerate(losses):
         if task < last:
@@ -164,9 +169,8 @@ def _tower_gradients(
             seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
             grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
         per_task_h[task] = list(grads[: len(shared)])
-        for j, g in enumerate(grads[len(shared) :]):
-            if g is not None:
-                tower_sums[j] = g if tower_sums[j] is None else tower_sums[j] + g
+        for total, g in zip(tower_sums, grads[len(shared) :]):
+            total.add(g)
     return per_task_h, tower_sums
 
 
@@ -205,8 +209,9 @@ def capture_task_grads_through(
             torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
             for i, h in enumerate(shared)
         ]
-        # Every looked-up table is a row-bucket table (MetaBalance builds them so): the buckets hold no lookup.
-        dense = balanced
+        # Every looked-up table is a row-bucket table (MetaBalance builds them so): the buckets hold no lookup. A
+        # balanced parameter the bottom does not reach (frozen since, say) is no input: it keeps its .grad.
+        dense = [p for p in balanced if id(p) in plan.below_ids]
         lookup_nodes = [node for p in capture.tables for node in lookups.get(id(p), [])]
         edges = [GradientEdge(node, 0) for node in lookup_nodes]
         bottom_inputs = [*dense, *bottom_others, *edges]
@@ -234,7 +239,7 @@ def capture_task_grads_through(
                 for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
                     block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
                     start += size
-                    g = dense_grads[id(p)]
+                    g = dense_grads.get(id(p))
                     if g is None:
                         block.zero_()
                     else:
@@ -244,12 +249,11 @@ def capture_task_grads_through(
                 for i, p in enumerate(bucket.params):
                     for rows, g in rows_of(p):
                         bucket.add_shared_rows(i, rows, g)
-            for p, g in zip(towers, tower_sums):
-                p.grad = g
+            for p, total in zip(towers, tower_sums):
+                p.grad = total.result(p)
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):
                 if g is not None:
-                    total = g.sum(0)
-                    p.grad = total if p.grad is None else p.grad + total
+                    p.grad = autograd_layout(p, g.sum(0))  # a fresh sum over the task dimension
     except BaseException:
         capture.abort()
         raise

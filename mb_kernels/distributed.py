@@ -22,7 +22,7 @@ norm, so small per-rank batches bias the ratios toward 1). Communication: ``P*T 
 instead of ``T*N``, plus the towers. This mode computes with the pure-torch reference functions (it needs the
 norms between the two kernel phases).
 
-Embedding tables balanced by their rows (sparse tables; with ``shared_output``, looked-up dense tables) are
+Embedding tables balanced by their rows (tables reached by ``nn.Embedding`` lookups only, and sparse tables) are
 exact in either mode: every rank gathers all ranks' looked-up rows (``T·K·d`` values per rank, far less than a
 ``[T, V, d]`` all-reduce) and groups the union, so every rank balances the same global rows
 (:meth:`DistributedSync.gather_rows`).
@@ -71,6 +71,13 @@ class DistributedSync:
         self.world_size = dist.get_world_size(self.group)
         balanced_ids = {id(p) for p in balanced}
         self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in balanced_ids]
+        # Only the weights of the module's embedding layers can be balanced by rows: for a model without balanced
+        # ones, no agreement is needed (and none is made) at each step.
+        self.table_ids = {
+            id(m.weight)
+            for m in module.modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and id(m.weight) in balanced_ids
+        }
 
     def _mean(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
@@ -93,7 +100,11 @@ class DistributedSync:
     ) -> tuple[set[int], set[int]]:
         """The row tables and sparse tables every rank uses, from each rank's own view (ranks' graphs may differ:
         a table one rank's batch skips): a tensor is a row table where some rank wants it and no rank reaches it
-        other than as one; sparse where some rank says so. One small all-reduce and host read per step."""
+        other than as one; sparse where some rank says so. Only the module's balanced embedding weights qualify;
+        with none, nothing is communicated. Else one small all-reduce and host read per step."""
+        params = [p for p in params if id(p) in self.table_ids]
+        if not params:
+            return set(), set()
         flags = torch.tensor(
             [[id(p) in reached and id(p) not in rows, id(p) in rows, id(p) in sparse] for p in params],
             dtype=torch.int32,

@@ -81,7 +81,7 @@ class MetaBalance(torch.optim.Optimizer):
         self._backends: dict[str, tuple[str, BalanceFn]] = {}
         self._buckets: list[tuple[dict, Bucket]] | None = None
         self._tables: list[tuple[dict, RowBucket]] = []
-        # (task count, looked-up table ids, sparse table ids) the buckets and row buckets were built for
+        # (task count, row-table ids, sparse-table ids) the buckets and row buckets were built for
         self._built_for: tuple[int, frozenset[int], frozenset[int]] | None = None
         defaults = dict(relax_factor=relax_factor, beta=beta, strategy=strategy)
         super().__init__(params, defaults)

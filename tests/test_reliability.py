@@ -261,3 +261,66 @@ def test_leaf_scalar_loss_is_named_as_such():
     leaf = torch.tensor(1.0, requires_grad=True)
     with pytest.raises(ValueError, match="is a leaf tensor"):
         mb.step([model.losses(*batch(0))[0], leaf])
+
+
+class _OddTowers(nn.Module):
+    """Towers whose gradients autograd.grad hands out shared (a + b), expanded (v.sum()) or as views into one
+    buffer (cat of two parameters)."""
+
+    def __init__(self, num_tasks: int):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 4)
+        self.bottom = nn.Linear(4, 4)
+        self.a, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.v = nn.Parameter(torch.randn(3))
+        self.p1, self.p2 = nn.Parameter(torch.randn(2, 1)), nn.Parameter(torch.randn(2, 4))
+        self.num_tasks = num_tasks
+
+    def shared_parameters(self):
+        return [self.embedding.weight, *self.bottom.parameters()]
+
+    def losses(self, ids):
+        h = torch.tanh(self.bottom(self.embedding(ids)))
+        weight = torch.cat([self.p1, self.p2], 1)  # [2, 5]
+        out = []
+        for t in range(self.num_tasks):
+            z = (h * (self.a + self.b)).sum(-1) * (t + 1) + self.v.sum()
+            out.append((z.mean() + weight.sum() * 0.1 * (t + 1)) ** 2)
+        return out, h
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+@pytest.mark.parametrize("shared_output", [False, True])
+def test_tower_gradients_are_owned_and_laid_out_like_autograds(num_tasks, shared_output):
+    """With relax_factor=0 MetaBalance is Vanilla-Multi: the towers' .grad must be what sum(losses).backward()
+    gives, as separate tensors in each parameter's layout, so that accumulation and in-place use stay right."""
+    torch.manual_seed(0)
+    model = _OddTowers(num_tasks).double()
+    twin = copy.deepcopy(model)
+    mb = MetaBalance(model.shared_parameters(), relax_factor=0.0, fused=False)
+    for step in range(2):  # .grad never zeroed: the second step accumulates onto the first
+        ids = torch.tensor([1, 2, 3, 2 + step])
+        losses, h = model.losses(ids)
+        mb.step(losses, shared_output=h if shared_output else None)
+        sum(twin.losses(ids)[0]).backward()
+        towers = [(model.a, twin.a), (model.b, twin.b), (model.v, twin.v), (model.p1, twin.p1), (model.p2, twin.p2)]
+        for p, q in towers:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+            assert p.grad.stride() == p.stride()
+        assert model.a.grad.data_ptr() != model.b.grad.data_ptr()
+    for p in model.parameters():
+        p.grad.mul_(0.5)  # in place on every .grad (an expanded gradient would refuse this)
+
+
+def test_a_balanced_parameter_frozen_later_keeps_its_grad():
+    torch.manual_seed(1)
+    model = _OddTowers(3)
+    mb = MetaBalance(model.shared_parameters(), fused=None)
+    mb.step(model.losses(torch.tensor([1, 2]))[0])
+    model.bottom.bias.requires_grad_(False)
+    before = model.bottom.bias.grad.clone()
+    mb.step(model.losses(torch.tensor([3, 4]))[0])
+    assert torch.equal(model.bottom.bias.grad, before)
+    model.embedding.weight.requires_grad_(False)
+    losses, h = model.losses(torch.tensor([5, 6]))
+    mb.step(losses, shared_output=h)

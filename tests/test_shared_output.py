@@ -232,7 +232,7 @@ def test_bad_shared_output_raises_before_touching_anything(case):
         inner = model.embedding(items)
         h = model.bottom(inner)
         losses = [(t(h).squeeze(-1) + inner.sum(-1)).pow(2).mean() for t in model.towers]
-        bad, match = [inner, h], "computed from another tensor of shared_output"
+        bad, match = [inner, h], "computed from another one"
     elif case == "tower-below":
         # A tower's first layer is also used inside the bottom.
         first = model.towers[0][0]
