@@ -195,11 +195,6 @@ def walk_graph(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = (
     return GraphWalk(list(leaves.values()), reached_cut, seen, consumers)
 
 
-def reached_leaves(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The leaf tensors whose ``.grad`` a backward pass from ``losses`` accumulates into, each once."""
-    return walk_graph(losses).leaves
-
-
 def autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad`` with the strides autograd gives a fresh gradient of ``p``: the parameter's own when it is dense
     and non-overlapping (channels_last, transposed), else contiguous. Fused optimizers (Adam(fused=True)) pair

@@ -229,7 +229,7 @@ def capture_task_grads_through(
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
         num_tasks = len(losses)
 
-        def rows_of(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def lookups_of(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             found = [(node, row_grads[node]) for node in lookups.get(id(p), [])]
             return [lookup_rows(node, g, p, batch_dims=1) for node, g in found if g is not None]
 
@@ -247,7 +247,7 @@ def capture_task_grads_through(
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
-                    for rows, g in rows_of(p):
+                    for rows, g in lookups_of(p):
                         bucket.add_shared_rows(i, rows, g)
             for p, total in zip(towers, tower_sums):
                 p.grad = total.result(p)
