@@ -22,7 +22,7 @@ nodes never run, so the ids they saved (the caller's own batch ids) live as long
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -297,32 +297,45 @@ class Capture:
                 p.grad = had + g
 
 
+def task_passes(losses: Sequence[torch.Tensor], inputs: Sequence) -> Iterator[tuple[int, tuple]]:
+    """``(task, gradients of loss[task] at inputs)`` for each task, one ``autograd.grad`` each: passes 0..T-2 retain
+    the graph, the last runs from every root with zero seeds for the others, so that every node runs once without
+    retain and the graph is freed (module docstring)."""
+    last = len(losses) - 1
+    for task, loss in enumerate(losses):
+        if task < last:
+            yield task, torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        else:
+            seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
+            yield task, torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
+
+
 def capture_task_grads(
     losses: Sequence[torch.Tensor],
     buckets: Sequence[Bucket],
     tables: Sequence[RowBucket],
-    leaves: Sequence[torch.Tensor],
+    leaves: dict[int, torch.Tensor],
     lookups: dict[int, list],
 ) -> Capture:
     """Run one backward per task (see the module docstring): the buckets' params' gradients go to the workspaces,
     the tables' to their row buckets (at the lookups' outputs for the tables in ``lookups``, else the sparse
-    gradients autograd gives), the other ``leaves`` (towers) collect the plain sum.
+    gradients autograd gives), the other ``leaves`` (``{id: leaf}`` of every leaf the losses reach; towers)
+    collect the plain sum.
 
     On return the balanced params' ``.grad`` are None and the others' hold this step's sums, until
     :meth:`Capture.commit` or :meth:`Capture.abort`; on error every ``.grad`` is restored before the exception
     propagates.
     """
     balanced = {id(p) for bucket in [*buckets, *tables] for p in bucket.params}
-    capture = Capture(buckets, [leaf for leaf in leaves if id(leaf) not in balanced], tables)
+    capture = Capture(buckets, [leaf for key, leaf in leaves.items() if key not in balanced], tables)
     for p in [*capture.others, *capture.tables]:
         p.grad = None
     for bucket in buckets:
         for p in bucket.params:
             p.grad = None
-    reached = {id(leaf) for leaf in leaves}
     # A balanced parameter this step does not reach (one frozen since, say) is no input: it keeps its .grad.
     dense_all = [p for bucket in buckets for p in bucket.params]
-    dense = [p for p in dense_all if id(p) in reached]
+    dense = [p for p in dense_all if id(p) in leaves]
     cut = [
         (bucket, i, node) for bucket in tables for i, p in enumerate(bucket.params) for node in lookups.get(id(p), [])
     ]
@@ -330,22 +343,13 @@ def capture_task_grads(
         (bucket, i, p)
         for bucket in tables
         for i, p in enumerate(bucket.params)
-        if id(p) not in lookups and id(p) in reached
+        if id(p) not in lookups and id(p) in leaves
     ]
     inputs = [*dense, *capture.others, *(p for _, _, p in uncut), *(GradientEdge(node, 0) for _, _, node in cut)]
     sums = [GradientSum() for _ in capture.others]
     cut_grads: list[list[torch.Tensor | None]] = [[None] * len(losses) for _ in cut]
     try:
-        last = len(losses) - 1
-        for task, loss in enumerate(losses):
-            if task < last:
-                grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-            elif last == 0:
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-            else:
-                # Final pass from every root (zero seeds for the earlier tasks) frees the whole graph.
-                seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
-                grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
+        for task, grads in task_passes(losses, inputs):
             with torch.no_grad():
                 by_param = dict(zip(map(id, dense), grads[: len(dense)]))
                 _collect_dense(buckets, [by_param.get(id(p)) for p in dense_all], task, capture.reached)

@@ -24,6 +24,7 @@ from .capture import (
     lookup_only_tables,
     lookup_rows,
     sparse_gradient_params,
+    task_passes,
     walk_graph,
 )
 from .tables import RowBucket
@@ -133,9 +134,8 @@ def _tower_gradients(
 
     With separate towers (``consumers`` given), one backward from all losses: a hook on each node that takes a
     shared tensor reads the gradient it passes down, which belongs to the one loss whose graph holds the node
-    (holding a reference also keeps autograd from accumulating into it in place). Otherwise one pass per loss,
-    the last from every root (zero seeds but its own) without retaining, so every tower node runs once more
-    without retain and its buffers are freed."""
+    (holding a reference also keeps autograd from accumulating into it in place). Otherwise one pass per loss
+    (:func:`~mb_kernels.capture.task_passes`)."""
     inputs = [*shared, *towers]
     per_task_h: list[list[torch.Tensor | None]] = [[None] * len(shared) for _ in losses]
     if consumers is not None:
@@ -161,13 +161,7 @@ def _tower_gradients(
             total.add(g)
         return per_task_h, sums
     tower_sums = [GradientSum() for _ in towers]
-    last = len(losses) - 1
-    for task, loss in enumerate(losses):
-        if task < last:
-            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        else:
-            seeds = [torch.zeros_like(other) for other in losses[:-1]] + [torch.ones_like(loss)]
-            grads = torch.autograd.grad(list(losses), inputs, grad_outputs=seeds, allow_unused=True)
+    for task, grads in task_passes(losses, inputs):
         per_task_h[task] = list(grads[: len(shared)])
         for total, g in zip(tower_sums, grads[len(shared) :]):
             total.add(g)

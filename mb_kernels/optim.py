@@ -329,12 +329,13 @@ class MetaBalance(torch.optim.Optimizer):
         losses = self._check_losses(losses)
         num_tasks = len(losses)
         balanced = {id(p) for group in self.param_groups for p in group["params"]}
-        plan, edges = None, None
+        plan = None
         if shared_output is None:
             edges = list(leaf_edges(losses))
             lookups = lookup_only_tables(edges, balanced)
             sparse_ids = sparse_gradient_params(edges, balanced)
-            reached = {id(leaf) for _, leaf in edges}
+            leaves = {id(leaf): leaf for _, leaf in edges}  # every leaf the losses reach, each once
+            reached = set(leaves)
         else:
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
             try:
@@ -359,7 +360,6 @@ class MetaBalance(torch.optim.Optimizer):
         for table in tables:
             table.clear()
         if plan is None:
-            leaves = list({id(leaf): leaf for _, leaf in edges}.values())
             capture = capture_task_grads(losses, buckets, tables, leaves, lookups)
         else:
             capture = capture_task_grads_through(losses, buckets, plan, tables)

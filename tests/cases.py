@@ -17,6 +17,11 @@ so a backend is judged only on its own rounding:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from mb_kernels.backends.contract import Hyperparameters
@@ -106,3 +111,14 @@ def assert_matches_truth(outs, norm_ema, expected, num_tasks, label=""):
             idx = bad.nonzero().flatten()[:5].tolist()
             detail = ", ".join(f"[{i}] got {got[i]:.6g} want {ref[i]:.6g} bound {bound[i]:.3g}" for i in idx)
             raise AssertionError(f"{label} step {step}: {int(bad.sum())} elements out of bound: {detail}")
+
+
+def run_without_avx2(script: str) -> None:
+    """Run ``script`` in a fresh Python process with ``MB_KERNELS_NO_AVX2=1`` (the C++ op reads the switch once, at
+    load), so that it exercises the portable loops non-AVX2 CPUs get; the script prints "baseline ok" on success."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MB_KERNELS_NO_AVX2": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "baseline ok" in result.stdout, result.stderr[-3000:]

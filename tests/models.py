@@ -1,4 +1,4 @@
-"""Small multi-task models shared by the optimizer tests and the benchmarks."""
+"""Small multi-task models shared by the optimizer tests and the benchmarks, and a twin-step comparison."""
 
 from __future__ import annotations
 
@@ -57,3 +57,15 @@ def batch(seed: int, num_tasks: int = 3, size: int = 32, num_items: int = 50, dt
     items = torch.randint(0, num_items, (size,), generator=gen)
     labels = (torch.rand(size, num_tasks, generator=gen) < 0.3).to(dtype)
     return items, labels
+
+
+def assert_same_step(expected_model, expected_mb, model, mb):
+    """Every .grad (None where the expected one is None; a sparse one compared densely) and every moving average
+    of ``mb``/``model`` equal to ``expected_mb``/``expected_model``'s, float64 rounding aside."""
+    for (name, p), q in zip(expected_model.named_parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            got = q.grad.to_dense() if q.grad.is_sparse else q.grad
+            torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
+    for p, q in zip(expected_model.shared_parameters(), model.shared_parameters()):
+        torch.testing.assert_close(mb.state[q]["norm_ema"], expected_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)

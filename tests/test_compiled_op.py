@@ -8,18 +8,13 @@ bad inputs that leave the state untouched.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mb_kernels.backends.contract import Hyperparameters
 from mb_kernels.backends.reference import balance_torch
 from mb_kernels.layout import FlatLayout
-from tests.cases import assert_matches_truth, random_task_grads, run_steps, truth
+from tests.cases import assert_matches_truth, random_task_grads, run_steps, run_without_avx2, truth
 
 ops = pytest.importorskip("mb_kernels.backends.compiled")
 try:
@@ -256,9 +251,4 @@ print("baseline ok")
 
 def test_cpu_baseline_loops_without_avx2():
     """MB_KERNELS_NO_AVX2=1 runs the portable loops that non-AVX2 CPUs get (a fresh process: read once)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "MB_KERNELS_NO_AVX2": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0 and "baseline ok" in result.stdout, result.stderr[-3000:]
+    run_without_avx2(_BASELINE_SCRIPT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -37,11 +38,20 @@ def _global_batch(step):
     return batch(step, size=2 * 16, dtype=torch.float64)
 
 
-def _worker(rank, port, mode, out_dir, shared_output=False, sparse=False):
+@contextlib.contextmanager
+def _process_group(rank: int, port: int):
+    """This spawned process's gloo group of WORLD ranks (one torch thread), destroyed on the way out."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, port, mode, out_dir, shared_output=False, sparse=False):
+    with _process_group(rank, port):
         model = _make_model(sparse)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp, ddp_mode=mode)
@@ -60,8 +70,6 @@ def _worker(rank, port, mode, out_dir, shared_output=False, sparse=False):
             optimizer.step()
         ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
         torch.save({"params": model.state_dict(), "ema": ema}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(mode, tmp_path, shared_output=False, sparse=False):
@@ -158,10 +166,7 @@ def _skipped_model(sparse):
 
 
 def _skipped_worker(rank, port, out_dir, shared_output, sparse):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, port):
         model = _skipped_model(sparse)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp)
@@ -172,8 +177,6 @@ def _skipped_worker(rank, port, out_dir, shared_output, sparse):
             mb.step(losses, shared_output=h if shared_output else None)
             optimizer.step()
         torch.save({"params": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, True)])

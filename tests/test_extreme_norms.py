@@ -11,11 +11,6 @@ and across thread counts.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,7 +23,7 @@ except ImportError:
     _scaled_norms = tensor_norms
 from mb_kernels.dispatch import BACKENDS, available_backends
 from mb_kernels.layout import FlatLayout
-from tests.cases import RTOL_NORM, assert_matches_truth, run_steps, truth
+from tests.cases import RTOL_NORM, assert_matches_truth, run_steps, run_without_avx2, truth
 
 BACKEND_NAMES = available_backends("cpu")
 # (device, backend) pairs for the two matrix tests: CUDA backends too where a GPU is present (the GPU tier).
@@ -189,9 +184,4 @@ print("baseline ok")
 @pytest.mark.skipif("cpu" not in BACKEND_NAMES, reason="compiled CPU op unavailable")
 def test_cpu_baseline_loops():
     """MB_KERNELS_NO_AVX2=1: the portable loops (a fresh process: the switch is read once)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "MB_KERNELS_NO_AVX2": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0 and "baseline ok" in result.stdout, result.stderr[-3000:]
+    run_without_avx2(_BASELINE_SCRIPT)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mb_kernels import MetaBalance
+from tests.models import assert_same_step
 
 T = 3
 
@@ -138,16 +139,6 @@ def _batch(seed):
     return items, labels
 
 
-def _assert_same_step(expected_model, expected_mb, model, mb):
-    """Every .grad (None where the expected one is None) and every moving average equal, float64 rounding aside."""
-    for (name, p), q in zip(expected_model.named_parameters(), model.parameters()):
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=lambda m, n=name: f"{n}: {m}")
-    for p, q in zip(expected_model.shared_parameters(), model.shared_parameters()):
-        torch.testing.assert_close(mb.state[q]["norm_ema"], expected_mb.state[p]["norm_ema"], rtol=1e-10, atol=0)
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -171,7 +162,7 @@ def test_shared_output_equals_plain_step(device, model_cls, strategy, relax, bet
         plain_mb.step(plain_model.losses(items, labels)[0])
         losses, shared = fast_model.losses(items, labels)
         fast_mb.step(losses, shared_output=shared)
-        _assert_same_step(plain_model, plain_mb, fast_model, fast_mb)
+        assert_same_step(plain_model, plain_mb, fast_model, fast_mb)
         plain_opt.step()
         fast_opt.step()
 
@@ -291,7 +282,7 @@ def test_alternating_plain_and_shared_steps_continue_the_same_averages():
             mixed_mb.step(losses)
         else:
             mixed_mb.step(losses, shared_output=shared)
-        _assert_same_step(plain_model, plain_mb, mixed_model, mixed_mb)
+        assert_same_step(plain_model, plain_mb, mixed_model, mixed_mb)
         plain_opt.step()
         mixed_opt.step()
     assert mixed_mb.state_dict()["state"].keys() == plain_mb.state_dict()["state"].keys()
@@ -362,7 +353,7 @@ def test_looked_up_tables_balance_like_the_workspace_path(shared_output, strateg
         losses, h = rows_model.losses(items, labels)
         rows_mb.step(losses, shared_output=h if shared_output else None)
         index_mb.step(index_model.losses(items, labels)[0])
-        _assert_same_step(index_model, index_mb, rows_model, rows_mb)
+        assert_same_step(index_model, index_mb, rows_model, rows_mb)
         rows_opt.step()
         index_opt.step()
     assert [p for _, bucket in rows_mb._tables for p in bucket.params] == [
@@ -411,4 +402,4 @@ def test_a_table_a_batch_skips_stays_balanced_by_rows():
         if step == 0:
             built = rows_mb._buckets
         assert rows_mb._buckets is built  # never rebuilt
-        _assert_same_step(index_model, index_mb, rows_model, rows_mb)
+        assert_same_step(index_model, index_mb, rows_model, rows_mb)

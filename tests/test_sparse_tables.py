@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mb_kernels import MetaBalance
+from tests.models import assert_same_step
 
 T = 3
 
@@ -80,17 +81,11 @@ def test_sparse_tables_balance_like_their_dense_twins(strategy, relax, beta, fus
         for model, mb, opt in ((sparse_model, mb_sparse, opt_sparse), (dense_model, mb_dense, opt_dense)):
             opt.zero_grad(set_to_none=True)
             mb.step(model.losses(batch))
-        for p, q in zip(sparse_model.parameters(), dense_model.parameters()):
-            got = p.grad.to_dense() if p.grad.is_sparse else p.grad
-            torch.testing.assert_close(got, q.grad, rtol=1e-10, atol=1e-13)
+        assert_same_step(dense_model, mb_dense, sparse_model, mb_sparse)
         for p in sparse_model.tables():
             assert p.grad.is_sparse and p.grad.is_coalesced()
             touched = p.grad._indices()[0]
             assert touched.numel() == touched.unique().numel() <= 16 + 40 + 5  # union of rows, never [V, d]
-        for p, q in zip(sparse_model.shared_parameters(), dense_model.shared_parameters()):
-            torch.testing.assert_close(
-                mb_sparse.state[p]["norm_ema"], mb_dense.state[q]["norm_ema"], rtol=1e-10, atol=0
-            )
         opt_sparse.step()
         opt_dense.step()
 
