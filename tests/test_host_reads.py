@@ -1,0 +1,125 @@
+"""A steady-state step reads no tensor value on the host (the condition for CUDA-graph capture and for no host
+synchronisation on GPU), checked on CPU: while the step runs, every way Python turns a tensor into a host value
+(``item``, ``tolist``, ``bool``, ``int``, ``float``, ``__index__``, ``numpy``) raises, and so does every ATen op
+that needs one (``_local_scalar_dense``, ``nonzero``, ``unique``, ``masked_select``, ``equal``, ``is_nonzero``).
+
+Dense tables (balanced by rows or in the workspace) and dense parameters take no host read, in the plain step and
+with ``shared_output``. Sparse tables take one by design (the size of a sparse gradient is a host value): that case
+is the watcher's positive control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from experiments.recsys.model import MultiTaskNCF
+from mb_kernels import MetaBalance
+from mb_kernels.dispatch import available_backends
+from tests.test_shared_output import EmbeddingCases, MMoE, SharedBottom, T, TwoOutputs, _batch
+
+_HOST_VALUE_OPS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.item",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+)
+_HOST_VALUE_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+class _RefuseHostValueOps(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(_HOST_VALUE_OPS):
+            raise HostRead(f"{name} reads a tensor value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_VALUE_METHODS}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise HostRead(f"Tensor.{name} reads a tensor value on the host")
+
+        return method
+
+    try:
+        for name in _HOST_VALUE_METHODS:
+            setattr(torch.Tensor, name, refuse(name))
+        with _RefuseHostValueOps():
+            yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+class _Recommender(torch.nn.Module):
+    """The app's network (four 64-d tables looked up by users and items, MLP bottom, towers), small."""
+
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.net = MultiTaskNCF(num_users=60, num_items=50, num_tasks=T, embed_dim=8, mlp_layers=(8, 4))
+        for table in (self.net.user_mf, self.net.item_mf, self.net.user_mlp, self.net.item_mlp):
+            table.sparse = sparse
+
+    def shared_parameters(self):
+        return self.net.shared_parameters()
+
+    def losses(self, items, labels):
+        h = self.net.shared(items % 60, items)
+        out = [
+            torch.nn.functional.binary_cross_entropy_with_logits(tower(h).squeeze(-1), labels[:, t])
+            for t, tower in enumerate(self.net.towers)
+        ]
+        return out, h
+
+
+def _steps(model_cls, backend, shared_output, sparse=False):
+    """Two warm-up steps (buckets and plans built), then a third under the watcher."""
+    torch.manual_seed(0)
+    model = (model_cls(sparse=True) if sparse else model_cls()).double()
+    mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, beta=0.9, backend=backend)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        items, labels = _batch(step)
+        losses, h = model.losses(items, labels)
+        with no_host_reads() if step == 2 else contextlib.nullcontext():
+            mb.step(losses, shared_output=h) if shared_output else mb.step(losses)
+    return model
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
+@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender])
+def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared_output, backend):
+    model = _steps(model_cls, backend, shared_output)
+    # The watched step did its work: every balanced parameter got a finite gradient.
+    for p in model.shared_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad.to_dense()).all()
+
+
+@pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
+def test_sparse_tables_take_their_one_host_read(shared_output):
+    """The positive control: the watcher catches the sparse result's size read (docs/design.md §4)."""
+    with pytest.raises(HostRead, match="tolist"):
+        _steps(_Recommender, "cpu", shared_output, sparse=True)
+
+
+def test_the_watcher_restores_tensor_methods():
+    with contextlib.suppress(HostRead), no_host_reads():
+        torch.ones(()).item()
+    assert torch.ones(()).item() == 1.0 and copy.copy(torch.tensor([2])).tolist() == [2]
