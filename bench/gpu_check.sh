@@ -100,7 +100,7 @@ fi
 
 if ((cpu_mode)); then
   export BENCH_QUICK=1 BENCH_DEVICES=cpu
-  test_args=${GPU_CHECK_TEST_ARGS:-"tests/test_backends.py -q -x -k C-r0.5-b0.9-4-torch.float32-odd-mix"}
+  test_args=${GPU_CHECK_TEST_ARGS:-"tests/test_backends.py tests/test_host_reads.py -q -x -k (float32-T4-C-r0.5-b0.9)or(host)"}
 else
   export BENCH_DEVICES=${BENCH_DEVICES:-cuda} BENCH_DTYPES=${BENCH_DTYPES:-float32,bfloat16}
   parallel=""

@@ -44,6 +44,11 @@ class _RefuseHostValueOps(TorchDispatchMode):
         name = str(func)
         if name.startswith(_HOST_VALUE_OPS):
             raise HostRead(f"{name} reads a tensor value on the host")
+        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors} | {str((kwargs or {}).get("device", "")).split(":")[0]} - {""}
+        if name.startswith(("aten._to_copy", "aten.copy_")) and "cpu" in devices and len(devices) > 1:
+            # A host-device copy: it blocks on pageable memory and cannot be captured in a CUDA graph.
+            raise HostRead(f"{name} copies between the host and the device")
         return func(*args, **(kwargs or {}))
 
 
@@ -88,25 +93,33 @@ class _Recommender(torch.nn.Module):
         return out, h
 
 
-def _steps(model_cls, backend, shared_output, sparse=False):
+def _steps(model_cls, device, backend, shared_output, sparse=False):
     """Two warm-up steps (buckets and plans built), then a third under the watcher."""
     torch.manual_seed(0)
-    model = (model_cls(sparse=True) if sparse else model_cls()).double()
+    model = (model_cls(sparse=True) if sparse else model_cls()).double().to(device)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, beta=0.9, backend=backend)
     for step in range(3):
         model.zero_grad(set_to_none=True)
-        items, labels = _batch(step)
+        items, labels = (x.to(device) for x in _batch(step))
         losses, h = model.losses(items, labels)
         with no_host_reads() if step == 2 else contextlib.nullcontext():
             mb.step(losses, shared_output=h) if shared_output else mb.step(losses)
     return model
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
+DEVICE_BACKENDS = [
+    (device, backend)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for backend in available_backends(device)  # on CPU with the Triton interpreter too: the launcher is the same
+]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
 @pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender])
-def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared_output, backend):
-    model = _steps(model_cls, backend, shared_output)
+def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared_output, device, backend):
+    """And copies nothing between host and device (on CUDA: the conditions for capturing it in a CUDA graph)."""
+    model = _steps(model_cls, device, backend, shared_output)
     # The watched step did its work: every balanced parameter got a finite gradient.
     for p in model.shared_parameters():
         assert p.grad is not None and torch.isfinite(p.grad.to_dense()).all()
@@ -116,7 +129,7 @@ def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared
 def test_sparse_tables_take_their_one_host_read(shared_output):
     """The positive control: the watcher catches the sparse result's size read (docs/design.md §4)."""
     with pytest.raises(HostRead, match="tolist"):
-        _steps(_Recommender, "cpu", shared_output, sparse=True)
+        _steps(_Recommender, "cpu", "cpu", shared_output, sparse=True)
 
 
 def test_the_watcher_restores_tensor_methods():
