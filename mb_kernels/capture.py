@@ -2,14 +2,15 @@
 buckets for embedding tables, and the whole ``.grad`` lifecycle of every parameter the step touches.
 
 One backward pass per task (``autograd.grad``, so nothing accumulates into ``.grad`` while the passes run): the
-balanced dense parameters' gradients are copied into row t of their workspace; the tables reached by
-``nn.Embedding`` lookups only have their gradient taken at the lookups' outputs (``GradientEdge``: the looked-up
-rows, never the dense ``[V, d]`` embedding backward) and handed to their row bucket, as are the sparse gradients of
-the other sparse tables; the other leaves the losses reach (task towers) collect the plain sum over the passes, as
-``sum(losses).backward()`` would give them. Before the passes the ``.grad`` of every leaf the losses reach is set
-aside; after balancing, :meth:`Capture.commit` accumulates the results onto it (in place, as autograd does; a fresh
-gradient gets the parameter's own strides, as autograd gives it); on any failure, :meth:`Capture.abort` puts every
-set-aside gradient back unchanged, so a caller who catches the error sees the ``.grad`` of before the step.
+balanced dense parameters' gradients are copied into row t of their workspace; the tables reached by lookups only
+(``nn.Embedding``; sum/mean ``nn.EmbeddingBag``) have their gradient taken at the lookups' outputs
+(``GradientEdge``: the looked-up rows, never the dense ``[V, d]`` embedding backward) and handed to their row
+bucket, as are the sparse gradients of the other sparse tables; the other leaves the losses reach (task towers)
+collect the plain sum over the passes, as ``sum(losses).backward()`` would give them. Before the passes the
+``.grad`` of every leaf the losses reach is set aside; after balancing, :meth:`Capture.commit` accumulates the
+results onto it (in place, as autograd does; a fresh gradient gets the parameter's own strides, as autograd gives
+it); on any failure, :meth:`Capture.abort` puts every set-aside gradient back unchanged, so a caller who catches the
+error sees the ``.grad`` of before the step.
 
 Leak-free graph release: autograd frees a node's saved tensors only when a non-retaining pass executes
 it. Passes 0..T-2 retain the graph, so the last pass runs from *all* losses, with a zero gradient for
@@ -88,18 +89,36 @@ def sparse_gradient_params(edges: Sequence[tuple], candidates: set[int]) -> set[
     }
 
 
+_BAG_SUM, _BAG_MEAN = 0, 1  # ATen's embedding_bag modes
+
+
+def _is_cut_lookup(node) -> bool:
+    """Whether the gradient of a table at this node's output gives the table's rows exactly, without the rest of
+    the batch: an ``nn.Embedding`` lookup, or an ``nn.EmbeddingBag`` in sum or mean mode whose per-sample weights
+    (if any) need no gradient. Not ``scale_grad_by_freq`` (a row's gradient depends on the whole batch) nor max mode
+    (each feature goes to a different row)."""
+    name = type(node).__name__
+    if name == "EmbeddingBackward0":
+        return not node._saved_scale_grad_by_freq
+    if name == "EmbeddingBagBackward0":
+        weights_need_grad = len(node.next_functions) > 1 and node.next_functions[1][0] is not None
+        return (
+            node._saved_mode in (_BAG_SUM, _BAG_MEAN) and not node._saved_scale_grad_by_freq and not weights_need_grad
+        )
+    return False
+
+
 def lookup_only_tables(edges: Sequence[tuple], balanced_ids: set[int]) -> dict[int, list]:
-    """``{id(table): [EmbeddingBackward node, ...]}`` for the balanced 2-D tables that the graph of ``edges``
-    (:func:`leaf_edges`) reaches through ``nn.Embedding`` lookups only (``scale_grad_by_freq`` lookups excluded:
-    their rows' gradients depend on the whole batch). Their gradients are then taken at the lookups' outputs
-    (``GradientEdge``), as rows, instead of the dense ``[V, d]`` embedding backward."""
+    """``{id(table): [lookup node, ...]}`` for the balanced 2-D tables that the graph of ``edges``
+    (:func:`leaf_edges`) reaches through lookups only (``nn.Embedding``; ``nn.EmbeddingBag`` in sum or mean mode:
+    :func:`_is_cut_lookup`). Their gradients are then taken at the lookups' outputs (``GradientEdge``), as rows,
+    instead of the dense ``[V, d]`` embedding backward."""
     lookups: dict[int, list] = {}
     other_parents: set[int] = set()
     for node, leaf in edges:
         if id(leaf) not in balanced_ids:
             continue
-        is_lookup = type(node).__name__ == "EmbeddingBackward0" and not node._saved_scale_grad_by_freq
-        if is_lookup and leaf.dim() == 2:
+        if _is_cut_lookup(node) and leaf.dim() == 2:
             lookups.setdefault(id(leaf), []).append(node)
         else:
             other_parents.add(id(leaf))
@@ -111,10 +130,48 @@ def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) 
     at its output (with ``batch_dims`` leading task dimensions). Ids of the padding row become the table's row count
     ("no row": :class:`~mb_kernels.tables.RowBucket` ignores their values, as autograd gives the padding row no
     gradient); marking instead of removing keeps the shapes independent of the ids (no host sync)."""
+    if type(node).__name__ == "EmbeddingBagBackward0":
+        return _bag_rows(node, grad, table, batch_dims)
     rows = node._saved_indices.reshape(-1)
     if node._saved_padding_idx >= 0:
         rows = torch.where(rows == node._saved_padding_idx, table.shape[0], rows)
     return rows, grad.reshape(*grad.shape[:batch_dims], -1, table.shape[1])
+
+
+def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lookup_rows` of an ``nn.EmbeddingBag`` (sum or mean): every looked-up id gets its bag's gradient,
+    times its per-sample weight (sum) or over its bag's size (mean), as autograd's embedding-bag backward gives it:
+    with the bag of each id and the bag sizes the forward saved where it saved them (ATen's ``offset2bag`` and
+    ``bag_size``; for ids after the closing offset of ``include_last_offset`` they differ between modes and
+    devices), else from the offsets. Padding ids and ids in no bag are "no row". No shape depends on the ids."""
+    ids = node._saved_indices.reshape(-1)
+    bags = grad.shape[-2]
+    if bags == 0:  # nothing to gather from: every id is "no row"
+        no_rows = torch.full_like(ids, table.shape[0])
+        return no_rows, grad.new_zeros(*grad.shape[:batch_dims], ids.numel(), table.shape[1])
+    offset2bag, bag_size = node._saved_result1, node._saved_result2
+    if offset2bag.numel() == ids.numel():
+        bag = offset2bag.to(torch.int64)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+    else:  # CPU sum mode saves none: an id belongs to the last bag starting at or before it, up to the closing one
+        all_offsets = node._saved_offsets
+        offsets = all_offsets[:bags]  # include_last_offset: one offset more than bags
+        positions = torch.arange(ids.numel(), dtype=offsets.dtype, device=ids.device)
+        bag = torch.searchsorted(offsets, positions, right=True) - 1
+        valid = bag >= 0
+        if all_offsets.numel() > bags:
+            valid &= positions < all_offsets[bags]
+        bag = bag.clamp_min(0)
+    if node._saved_padding_idx >= 0:
+        valid &= ids != node._saved_padding_idx
+    values = grad.index_select(batch_dims, bag)
+    if node._saved_mode == _BAG_MEAN:
+        if bag_size.numel() != bags:  # not saved: count each bag's non-padding ids (integers: exact in any order)
+            bag_size = torch.zeros(bags, dtype=grad.dtype, device=grad.device).index_add_(0, bag, valid.to(grad.dtype))
+        values = values / bag_size.to(grad.dtype).clamp_min(1)[bag, None]
+    elif node._saved_per_sample_weights is not None:
+        values = values * node._saved_per_sample_weights.to(grad.dtype)[:, None]
+    return torch.where(valid, ids, table.shape[0]), values
 
 
 def _collect_dense(

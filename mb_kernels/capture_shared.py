@@ -2,7 +2,8 @@
 
 Each loss is backpropagated through its own tower only, down to ``h``; one batched backward (``is_grads_batched``,
 vmap over the task dimension) then carries the T cotangents at ``h`` through the shared bottom. Embedding lookups of
-balanced tables are cut at their rows (``GradientEdge``), so no dense ``[V, d]`` embedding backward runs per task;
+balanced tables (``nn.Embedding``, sum/mean ``nn.EmbeddingBag``) are cut at their outputs (``GradientEdge``), so no
+dense ``[V, d]`` embedding backward runs per task;
 the rows go to :class:`~mb_kernels.tables.RowBucket` (balanced by rows, dense or sparse result). The ``.grad``
 lifecycle and the workspaces are :mod:`mb_kernels.capture`'s; docs/design.md §4 gives the design.
 """
@@ -40,10 +41,10 @@ class SharedPlan:
     bottom_others: list[torch.Tensor]
     """Non-balanced leaves below ``shared`` (none of them is also a tower leaf: refused)."""
     lookups: dict[int, list]
-    """``{id(table): [EmbeddingBackward node, ...]}``: balanced tables the bottom reaches through ``nn.Embedding``
-    lookups only. The batched backward stops at each lookup's output (a ``[T, rows, d]`` gradient of the looked-up
-    rows) instead of running the dense ``[V, d]`` embedding backward once per task. ``scale_grad_by_freq`` lookups
-    are left to autograd."""
+    """``{id(table): [lookup node, ...]}``: balanced tables the bottom reaches through lookups only (``nn.Embedding``;
+    ``nn.EmbeddingBag`` in sum or mean mode: :func:`~mb_kernels.capture.lookup_only_tables`). The batched backward
+    stops at each lookup's output (a ``[T, rows, d]`` or ``[T, bags, d]`` gradient) instead of running the dense
+    ``[V, d]`` embedding backward once per task. ``scale_grad_by_freq`` lookups are left to autograd."""
     tower_consumers: list[list[tuple]] | None
     """When no autograd function above ``shared`` is reached from two losses (towers apart, losses distinct): per
     loss, the ``(node, input index, shared index)`` edges by which its graph takes ``shared``. Then one backward
@@ -186,9 +187,10 @@ def capture_task_grads_through(
     for table in (p for bucket in tables for p in bucket.params):
         if id(table) in plan.below_ids and id(table) not in lookups:
             raise ValueError(
-                f"MetaBalance.step: the sparse table of shape {tuple(table.shape)} is reached other than by "
-                "nn.Embedding lookups (e.g. nn.EmbeddingBag); with shared_output, sparse tables must be nn.Embedding "
-                "lookups only. Call step(losses) without shared_output for this model."
+                f"MetaBalance.step: the sparse table of shape {tuple(table.shape)} is reached other than by lookups "
+                "whose rows the step can take (nn.Embedding; nn.EmbeddingBag in sum or mean mode, with per-sample "
+                "weights that need no gradient): e.g. scale_grad_by_freq, learned per-sample weights. With "
+                "shared_output, sparse tables must be such lookups only; call step(losses) without shared_output."
             )
     capture = Capture(buckets, towers + bottom_others, tables)
     for p in capture.others:

@@ -5,8 +5,9 @@ Two kinds of balanced table take this path:
 * tables with sparse gradients (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``): each backward pass
   hands over a sparse gradient (row ids and row values), and the balanced gradient is a sparse tensor over the
   union of touched rows, which ``torch.optim.SparseAdam``, ``Adagrad`` and ``SGD`` accept;
-* dense tables reached through ``nn.Embedding`` lookups only: each backward stops at the looked-up rows (the
-  lookups' outputs), and the balanced gradient is written densely (as autograd would give it).
+* dense tables reached through lookups only (``nn.Embedding``; ``nn.EmbeddingBag`` in sum or mean mode): each
+  backward stops at the lookups' outputs, whose gradients give the looked-up rows', and the balanced gradient is
+  written densely (as autograd would give it).
 
 The math is the dense tensor's (:mod:`mb_kernels.backends.reference`): task t's gradient of a table is the
 dense-equivalent one (duplicate ids summed), so its norm is the norm of the summed rows and the weights follow.

@@ -20,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from experiments.recsys.model import MultiTaskNCF
 from mb_kernels import MetaBalance
 from mb_kernels.dispatch import available_backends
+from tests.test_embedding_bags import Bags
+from tests.test_embedding_bags import _batch as _bag_batch
 from tests.test_shared_output import EmbeddingCases, MMoE, SharedBottom, T, TwoOutputs, _batch
 
 _HOST_VALUE_OPS = (
@@ -93,6 +95,16 @@ class _Recommender(torch.nn.Module):
         return out, h
 
 
+class _Bags(Bags):
+    """Sum and mean bags balanced by rows, a max bag through the workspace."""
+
+    def __init__(self):
+        super().__init__(by_index=False)
+
+    def losses(self, items, labels):
+        return super().losses(_bag_batch(int(items[0]), items.device.type))
+
+
 def _steps(model_cls, device, backend, shared_output, sparse=False):
     """Two warm-up steps (buckets and plans built), then a third under the watcher."""
     torch.manual_seed(0)
@@ -116,7 +128,7 @@ DEVICE_BACKENDS = [
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
-@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender])
+@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender, _Bags])
 def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared_output, device, backend):
     """And copies nothing between host and device (on CUDA: the conditions for capturing it in a CUDA graph)."""
     model = _steps(model_cls, device, backend, shared_output)
