@@ -72,3 +72,54 @@ def random_batches(
         y = (torch.rand(batch_size, NUM_TASKS, generator=gen) < rates).float()
         batches.append((u.to(device), i.to(device), y.to(device)))
     return batches
+
+
+class BagRecommender(nn.Module):
+    """A multi-hot recommender: per example, a bag of ``history`` item ids (sum with per-sample weights, e.g.
+    recency) and ``categories`` ids (mean), both ``nn.EmbeddingBag`` of ``rows`` x 64, a shared MLP 64-32 and one
+    tower per task (32-16-1). ``tables()`` are the two bag tables; the shared parameters are tables + MLP."""
+
+    HISTORY, CATEGORIES = 5, 3  # ids per bag
+
+    def __init__(self, rows: int, sparse: bool = False, num_tasks: int = NUM_TASKS):
+        super().__init__()
+        self.history = nn.EmbeddingBag(rows, EMBED_DIM, mode="sum", sparse=sparse)
+        self.categories = nn.EmbeddingBag(rows, EMBED_DIM, mode="mean", sparse=sparse)
+        self.mlp = nn.Sequential(nn.Linear(EMBED_DIM, 32), nn.ReLU())
+        self.towers = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)) for _ in range(num_tasks)
+        )
+
+    def tables(self) -> list[nn.Parameter]:
+        return [self.history.weight, self.categories.weight]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [*self.tables(), *self.mlp.parameters()]
+
+    def shared(self, batch) -> torch.Tensor:
+        history, weights, categories, _ = batch
+        offsets = torch.arange(0, history.numel(), self.HISTORY, device=history.device)
+        return self.mlp(self.history(history, offsets, per_sample_weights=weights) + self.categories(categories))
+
+    def losses(self, batch) -> list[torch.Tensor]:
+        return self.losses_and_shared(batch)[0]
+
+    def losses_and_shared(self, batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h, labels = self.shared(batch), batch[-1]
+        losses = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return losses, h
+
+
+def random_bag_batches(batch_size: int, count: int, device: str, rows: int, seed: int = 0):
+    """``count`` batches of (history ids [B·5], their weights, category ids [B, 3], labels [B, 3]) for
+    :class:`BagRecommender`."""
+    gen = torch.Generator().manual_seed(seed)
+    rates = torch.tensor([0.1, 0.5, 0.3])
+    batches = []
+    for _ in range(count):
+        history = torch.randint(0, rows, (batch_size * BagRecommender.HISTORY,), generator=gen)
+        weights = torch.rand(history.numel(), generator=gen)
+        categories = torch.randint(0, rows, (batch_size, BagRecommender.CATEGORIES), generator=gen)
+        labels = (torch.rand(batch_size, NUM_TASKS, generator=gen) < rates).float()
+        batches.append(tuple(x.to(device) for x in (history, weights, categories, labels)))
+    return batches

@@ -330,7 +330,7 @@ def tables_table(benchmarks: list[dict]) -> Table:
     runs = [b for b in benchmarks if b.get("kind") == "tables-interleaved" and b.get("interleaved")]
     # The variants as the suite ran them (bench/test_bench_tables.py VARIANTS, in its order).
     variants = list(dict.fromkeys(v for b in runs for v in b["interleaved"]))
-    header = ["device", "rows", "batch", *[f"{v} ms" for v in variants]]
+    header = ["model", "device", "rows", "batch", *[f"{v} ms" for v in variants]]
     header += ["mb / vanilla", "shared_output / vanilla", "mb-sparse / vanilla-sparse"]
     header += ["sparse+shared / vanilla-sparse", "original-style / shared_output"]
     table = Table("Large tables, interleaved rounds (median ms per training step incl. the optimizers)", header)
@@ -342,6 +342,7 @@ def tables_table(benchmarks: list[dict]) -> Table:
 
         table.add(
             [
+                b.get("model", "ncf"),
                 b["device"],
                 f"{b['rows']:,}",
                 b["batch"],

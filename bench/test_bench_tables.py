@@ -1,7 +1,9 @@
 """End to end with recommender-sized tables: dense vs sparse embedding gradients, plain step vs shared_output.
 
-The paper network (``bench.recsys``) with 200K-row user and item tables on CPU (1M on CUDA; 500 in quick mode),
-3 tasks, batch 256 and 4096, every variant in alternation (one step each per round, first mover rotating):
+Two models, 3 tasks, batch 256 and 4096: ``ncf``, the paper network (``bench.recsys``) with 200K-row user and item
+tables on CPU (1M on CUDA; 500 in quick mode), and ``bags``, ``bench.recsys.BagRecommender`` (two
+``nn.EmbeddingBag`` tables of as many rows: a sum bag of 5 weighted ids and a mean bag of 3 per example). Every
+variant in alternation (one step each per round, first mover rotating):
 
 - ``vanilla``: ``sum(losses).backward()``, dense embedding gradients, Adam on everything;
 - ``vanilla-sparse``: the same with ``sparse=True`` embeddings, SparseAdam on the tables, Adam on the rest;
@@ -23,7 +25,14 @@ import torch
 from torch import nn
 
 from bench import common
-from bench.recsys import NUM_TASKS, random_batches, task_losses, task_losses_and_shared
+from bench.recsys import (
+    NUM_TASKS,
+    BagRecommender,
+    random_bag_batches,
+    random_batches,
+    task_losses,
+    task_losses_and_shared,
+)
 from experiments.recsys.model import MultiTaskNCF
 from mb_kernels import MetaBalance
 
@@ -42,18 +51,39 @@ def table_rows(device: str) -> int:
     return 500 if common.QUICK else (1_000_000 if device == "cuda" else 200_000)
 
 
-def _model(device: str, rows: int, sparse: bool) -> nn.Module:
+class _NCF(MultiTaskNCF):
+    """The paper network with the bench's interface: ``tables()``, ``losses(batch)`` (through ``forward``, as the
+    app's plain training computes them) and ``losses_and_shared(batch)``."""
+
+    def tables(self) -> list[nn.Parameter]:
+        return [m.weight for m in (self.user_mf, self.item_mf, self.user_mlp, self.item_mlp)]
+
+    def losses(self, batch):
+        return task_losses(self, batch)
+
+    def losses_and_shared(self, batch):
+        return task_losses_and_shared(self, batch)
+
+
+def _model(kind: str, device: str, rows: int, sparse: bool) -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
-        model = MultiTaskNCF(num_users=rows, num_items=rows, num_tasks=NUM_TASKS)
-    for table in (model.user_mf, model.item_mf, model.user_mlp, model.item_mlp):
-        table.sparse = sparse
+        model = _NCF(num_users=rows, num_items=rows, num_tasks=NUM_TASKS) if kind == "ncf" else BagRecommender(rows)
+    for table in model.modules():
+        if isinstance(table, (nn.Embedding, nn.EmbeddingBag)):
+            table.sparse = sparse
     return model.train()
+
+
+def _batches(kind: str, batch_size: int, device: str, rows: int):
+    if kind == "ncf":
+        return random_batches(batch_size, 8, device, quick=False, seed=1, num_users=rows, num_items=rows)
+    return random_bag_batches(batch_size, 8, device, rows, seed=1)
 
 
 def _step(variant: str, model: nn.Module, batches):
     sparse = "sparse" in variant
-    tables = [m.weight for m in (model.user_mf, model.item_mf, model.user_mlp, model.item_mlp)]
+    tables = model.tables()
     if sparse:
         rest = [p for p in model.parameters() if all(p is not t for t in tables)]
         optimizers = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
@@ -72,29 +102,31 @@ def _step(variant: str, model: nn.Module, batches):
             opt.zero_grad(set_to_none=True)
         batch = next(which)
         if balancer is None:
-            sum(task_losses(model, batch)).backward()
+            sum(model.losses(batch)).backward()
         elif variant.endswith("+shared_output"):
-            losses, h = task_losses_and_shared(model, batch)
+            losses, h = model.losses_and_shared(batch)
             balancer.step(losses, shared_output=h)
         else:
-            balancer.step(task_losses(model, batch))
+            balancer.step(model.losses(batch))
         for opt in optimizers:
             opt.step()
 
     return step
 
 
+@pytest.mark.parametrize("model_kind", ["ncf", "bags"])
 @pytest.mark.parametrize(
     ("device", "batch_size"),
     [pytest.param(d, b, id=f"{d}-b{b}") for d in common.devices() for b in ([32] if common.QUICK else [256, 4096])],
 )
-def test_large_tables_interleaved(benchmark, device, batch_size):
+def test_large_tables_interleaved(benchmark, device, batch_size, model_kind):
     rows = table_rows(device)
-    batches = random_batches(batch_size, 8, device, quick=False, seed=1, num_users=rows, num_items=rows)
-    dense, sparse = _model(device, rows, False), _model(device, rows, True)
+    batches = _batches(model_kind, batch_size, device, rows)
+    dense, sparse = _model(model_kind, device, rows, False), _model(model_kind, device, rows, True)
     steps = {v: _step(v, copy.deepcopy(sparse if "sparse" in v else dense), batches) for v in VARIANTS}
     del dense, sparse
-    benchmark.group = f"tables {device} batch={batch_size}"
+    benchmark.group = f"tables {model_kind} {device} batch={batch_size}"
     info = benchmark.extra_info
-    info.update(kind="tables-interleaved", device=device, batch=batch_size, rows=rows, tasks=NUM_TASKS)
+    info.update(kind="tables-interleaved", model=model_kind, device=device, batch=batch_size, rows=rows)
+    info["tasks"] = NUM_TASKS
     info["interleaved"] = common.run_interleaved(benchmark, steps, device, min_rounds=5, max_rounds=30)
