@@ -83,10 +83,23 @@ def leaf_edges(roots: Sequence[torch.Tensor]):
 
 def sparse_gradient_params(edges: Sequence[tuple], candidates: set[int]) -> set[int]:
     """Ids of the ``candidates`` (leaf tensors) that a backward through ``edges`` (:func:`leaf_edges`) gives sparse
-    gradients: the tables of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True``."""
-    return {
-        id(leaf) for node, leaf in edges if id(leaf) in candidates and getattr(node, "_saved_sparse", False) is True
-    }
+    gradients: the tables of ``nn.Embedding``/``nn.EmbeddingBag`` lookups with ``sparse=True``. ValueError (before
+    any backward) for a table that is also used otherwise: autograd would sum the uses into a dense gradient."""
+    sparse, other = {}, set()
+    for node, leaf in edges:
+        if id(leaf) in candidates:
+            if getattr(node, "_saved_sparse", False) is True:
+                sparse[id(leaf)] = leaf
+            else:
+                other.add(id(leaf))
+    for key in sparse.keys() & other:  # the first one found
+        raise ValueError(
+            f"MetaBalance.step: the table of shape {tuple(sparse[key].shape)} is looked up with sparse=True and also "
+            "used otherwise (e.g. tied to an output layer, indexed directly, or looked up with sparse=False), so "
+            "autograd would give it a dense gradient. Use sparse=False for that table (MetaBalance still balances "
+            "it by rows where it can), or use it through sparse lookups only."
+        )
+    return set(sparse)
 
 
 _BAG_SUM, _BAG_MEAN = 0, 1  # ATen's embedding_bag modes

@@ -176,3 +176,74 @@ def test_shared_output_refuses_uncut_sparse_tables_before_any_backward():
     with pytest.raises(ValueError, match=r"scale_grad_by_freq"):
         mb.step(losses, shared_output=h)
     assert all(p.grad is None for p in model.parameters())
+
+
+class TiedOrRenormed(nn.Module):
+    """A table looked up with max_norm (rows renormalised in the forward) and, optionally, also tied to an output
+    projection. ``by_index``: the same rows renormalised and read by indexing (the reference: the workspace)."""
+
+    def __init__(self, sparse: bool, tied: bool = False, by_index: bool = False):
+        super().__init__()
+        self.sparse, self.tied, self.by_index = sparse, tied, by_index
+        self.items = nn.Embedding(40, 6, max_norm=0.5, sparse=sparse)
+        self.mlp = nn.Linear(6, 6)
+        self.towers = nn.ModuleList([nn.Linear(6, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.items.weight, *self.mlp.parameters()]
+
+    def losses(self, ids, labels):
+        if self.by_index:
+            with torch.no_grad():
+                torch.embedding_renorm_(self.items.weight, ids, 0.5, 2.0)
+            x = self.items.weight[ids]
+        else:
+            x = self.items(ids)
+        if self.tied:
+            x = x + (x @ self.items.weight.t())[:, :6]
+        h = torch.tanh(self.mlp(x))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+@pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_max_norm_tables_balance_like_their_indexed_twins(sparse, shared_output):
+    torch.manual_seed(6)
+    rows_model = TiedOrRenormed(sparse).double()
+    rows_model.items.weight.data.mul_(3)  # most rows above max_norm: the renormalisation matters
+    index_model = TiedOrRenormed(sparse=False, by_index=True).double()
+    index_model.load_state_dict(rows_model.state_dict())
+    rows_mb = MetaBalance(rows_model.shared_parameters(), relax_factor=0.7, beta=0.9, fused=None)
+    index_mb = MetaBalance(index_model.shared_parameters(), relax_factor=0.7, beta=0.9, fused=None)
+    rows_opt = torch.optim.SGD(rows_model.parameters(), lr=0.5)
+    index_opt = torch.optim.SGD(index_model.parameters(), lr=0.5)
+    for step in range(3):
+        items, _, _, _, _, labels = _batch(step)
+        rows_opt.zero_grad(set_to_none=True)
+        index_opt.zero_grad(set_to_none=True)
+        losses, h = rows_model.losses(items, labels)
+        rows_mb.step(losses, shared_output=h if shared_output else None)
+        index_mb.step(index_model.losses(items, labels)[0])
+        torch.testing.assert_close(rows_model.items.weight, index_model.items.weight, rtol=0, atol=0)
+        assert_same_step(index_model, index_mb, rows_model, rows_mb)
+        assert rows_model.items.weight.grad.is_sparse == sparse
+        rows_opt.step()
+        index_opt.step()
+    assert [p for _, bucket in rows_mb._tables for p in bucket.params] == [rows_model.items.weight]
+
+
+@pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
+def test_a_sparse_table_also_used_densely_is_refused_before_any_backward(shared_output):
+    """Tied to an output projection, a sparse=True table would get a dense gradient: a clear error, nothing changed."""
+    torch.manual_seed(7)
+    model = TiedOrRenormed(sparse=True, tied=True).double()
+    mb = MetaBalance(model.shared_parameters(), fused=None)
+    items, _, _, _, _, labels = _batch(0)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    losses, h = model.losses(items, labels)
+    with pytest.raises(ValueError, match=r"sparse=True and also used otherwise"):
+        mb.step(losses, shared_output=h if shared_output else None)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert mb.num_tasks is None
