@@ -40,13 +40,16 @@ Part = tuple[int | None, torch.Tensor, torch.Tensor]
 @dataclass
 class _GroupPlan:
     """What depends only on the id count of each table: the flat layout of the row blocks and, per sorted
-    position, the start of its table's block and the id offset of its table."""
+    position (= slot), the start of its table's block, the id offset of its table, its table and its place in the
+    table's block."""
 
     layout: FlatLayout
     starts: list[int]
     counts: list[int]
     start_of_position: torch.Tensor
     offset_of_position: torch.Tensor
+    table_of_position: torch.Tensor
+    position_in_table: torch.Tensor
     filled: torch.Tensor
     """Indices of the tables with at least one id, and for each: the sorted position of its last id, the start of
     its block and its row count (its "no row" id)."""
@@ -141,6 +144,10 @@ class RowBucket:
                 counts=list(counts),
                 start_of_position=torch.repeat_interleave(torch.tensor(starts[:-1]), repeats).to(self.device),
                 offset_of_position=torch.repeat_interleave(torch.tensor(self.id_offsets), repeats).to(self.device),
+                table_of_position=torch.repeat_interleave(torch.arange(len(counts)), repeats).to(self.device),
+                position_in_table=(
+                    torch.arange(starts[-1]) - torch.repeat_interleave(torch.tensor(starts[:-1]), repeats)
+                ).to(self.device),
                 filled=on_device(filled),
                 last=on_device([starts[i] + counts[i] - 1 for i in filled]),
                 first=on_device([starts[i] for i in filled]),
@@ -157,28 +164,32 @@ class RowBucket:
         balance_fn(block, self.norm_ema, combined, plan.layout, hyper)
         # The sizes of the sparse results: one host read (a synchronisation on GPU), none without sparse tables.
         counts_on_host = distinct.tolist() if any(self.sparse_output) else []
+        rows = combined.view(-1, self.width)
+        if not all(self.sparse_output):
+            # Slots past a table's distinct ids (zeros, or the "no row" id) add exact zeros into row 0: masked, for
+            # every table at once, so that even a 0 * Inf weight cannot reach it.
+            used = plan.position_in_table < distinct[plan.table_of_position]
+            dense_ids = torch.where(used, ids, 0)
+            dense_rows = torch.where(used[:, None], rows, torch.zeros((), dtype=rows.dtype, device=self.device))
         results: list[torch.Tensor | None] = []
         for i, p in enumerate(self.params):
-            count = counts_on_host[i] if self.sparse_output[i] else None
             if not self.parts[i]:
                 results.append(None)
                 continue
             begin, k = plan.starts[i], plan.counts[i]
-            table_ids = ids[begin : begin + k]
-            values = combined[begin * self.width : (begin + k) * self.width].view(k, self.width)
-            if count is not None:
-                results.append(
-                    torch.sparse_coo_tensor(
-                        table_ids[None, :count], values[:count], p.shape, is_coalesced=True, check_invariants=False
-                    )
+            if self.sparse_output[i]:
+                count = counts_on_host[i]
+                sparse = torch.sparse_coo_tensor(
+                    ids[None, begin : begin + count],
+                    rows[begin : begin + count],
+                    p.shape,
+                    is_coalesced=True,
+                    check_invariants=False,
                 )
+                results.append(sparse)
                 continue
-            # Slots past the distinct ids (zeros, or the "no row" id) add exact zeros into row 0: masked so that
-            # even a 0 * Inf weight cannot reach it.
-            used = torch.arange(k, device=self.device) < distinct[i]
-            values = torch.where(used[:, None], values, torch.zeros((), dtype=values.dtype, device=self.device))
             dense = torch.zeros_like(p, memory_format=torch.preserve_format)
-            results.append(dense.index_add_(0, torch.where(used, table_ids, 0), values))
+            results.append(dense.index_add_(0, dense_ids[begin : begin + k], dense_rows[begin : begin + k]))
         return results
 
     def _group_rows(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
