@@ -125,17 +125,29 @@ def lookup_only_tables(edges: Sequence[tuple], balanced_ids: set[int]) -> dict[i
     """``{id(table): [lookup node, ...]}`` for the balanced 2-D tables that the graph of ``edges``
     (:func:`leaf_edges`) reaches through lookups only (``nn.Embedding``; ``nn.EmbeddingBag`` in sum or mean mode:
     :func:`_is_cut_lookup`). Their gradients are then taken at the lookups' outputs (``GradientEdge``), as rows,
-    instead of the dense ``[V, d]`` embedding backward."""
+    instead of the dense ``[V, d]`` embedding backward.
+
+    A dense table whose lookups this step take more ids than it has rows (a small table, a large batch) is left
+    out: its rows would cost more than its ``[T, V, d]`` workspace. The count is a shape: no host read. Sparse
+    tables are always in: their per-task gradients have a row per id either way."""
     lookups: dict[int, list] = {}
     other_parents: set[int] = set()
+    leaves: dict[int, torch.Tensor] = {}
     for node, leaf in edges:
         if id(leaf) not in balanced_ids:
             continue
         if _is_cut_lookup(node) and leaf.dim() == 2:
             lookups.setdefault(id(leaf), []).append(node)
+            leaves[id(leaf)] = leaf
         else:
             other_parents.add(id(leaf))
-    return {key: nodes for key, nodes in lookups.items() if key not in other_parents}
+
+    def cheaper_by_rows(key: int) -> bool:
+        nodes = lookups[key]
+        ids = sum(node._saved_indices.numel() for node in nodes)
+        return ids <= leaves[key].shape[0] or any(node._saved_sparse for node in nodes)
+
+    return {key: nodes for key, nodes in lookups.items() if key not in other_parents and cheaper_by_rows(key)}
 
 
 def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +168,9 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) ->
     times its per-sample weight (sum) or over its bag's size (mean), as autograd's embedding-bag backward gives it:
     with the bag of each id and the bag sizes the forward saved where it saved them (ATen's ``offset2bag`` and
     ``bag_size``; for ids after the closing offset of ``include_last_offset`` they differ between modes and
-    devices), else from the offsets. Padding ids and ids in no bag are "no row". No shape depends on the ids."""
+    devices), else from the offsets. Padding ids and ids in no bag are "no row". No shape depends on the ids.
+    Where ATen's own backward is undefined (ids after the closing offset in CPU's fast sum path, which reads out
+    of bounds; zero bags with ids), those ids get no gradient, as they contributed nothing to the forward."""
     ids = node._saved_indices.reshape(-1)
     bags = grad.shape[-2]
     if bags == 0:  # nothing to gather from: every id is "no row"
@@ -177,13 +191,16 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) ->
         bag = bag.clamp_min(0)
     if node._saved_padding_idx >= 0:
         valid &= ids != node._saved_padding_idx
-    values = grad.index_select(batch_dims, bag)
+    # Scaled in the accumulation dtype (float32 for half tables; the rows are summed in it anyway), as is the count.
+    acc = state_dtype(grad.dtype)
+    values = grad.index_select(batch_dims, bag).to(acc)
     if node._saved_mode == _BAG_MEAN:
-        if bag_size.numel() != bags:  # not saved: count each bag's non-padding ids (integers: exact in any order)
-            bag_size = torch.zeros(bags, dtype=grad.dtype, device=grad.device).index_add_(0, bag, valid.to(grad.dtype))
-        values = values / bag_size.to(grad.dtype).clamp_min(1)[bag, None]
+        if bag_size.numel() < bags:  # not saved: count each bag's non-padding ids
+            bag_size = torch.zeros(bags, dtype=acc, device=grad.device).index_add_(0, bag, valid.to(acc))
+        # CUDA saves one size per offset: with include_last_offset, one more than bags (the first ones are theirs).
+        values = values / bag_size[:bags].to(acc).clamp_min(1)[bag, None]
     elif node._saved_per_sample_weights is not None:
-        values = values * node._saved_per_sample_weights.to(grad.dtype)[:, None]
+        values = values * node._saved_per_sample_weights.to(acc)[:, None]
     return torch.where(valid, ids, table.shape[0]), values
 
 

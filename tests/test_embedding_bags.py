@@ -7,13 +7,15 @@ mode and learned per-sample weights are left to autograd (the workspace, or spar
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mb_kernels import MetaBalance
-from mb_kernels.capture import leaf_edges, lookup_only_tables
+from mb_kernels.capture import _bag_rows, leaf_edges, lookup_only_tables
 from tests.models import assert_same_step
 
 T = 3
@@ -180,3 +182,72 @@ def test_ids_after_the_closing_offset_get_what_autograd_gives_them(mode):
     MetaBalance([ours.weight], fused=None).step([(ours(ids, offsets) @ head).square().sum()])
     (theirs(ids, offsets) @ head).square().sum().backward()
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_small_dense_table_looked_up_more_often_than_it_has_rows_keeps_its_workspace():
+    """Rows would cost more than the [T, V, d] workspace there (the count is a shape); sparse tables stay rows."""
+    for sparse in (False, True):
+        small = nn.EmbeddingBag(10, 3, mode="sum", sparse=sparse)
+        large = nn.EmbeddingBag(100, 3, mode="mean", sparse=sparse)
+        ids = torch.randint(0, 10, (40,))
+        h = small(ids, torch.arange(0, 40, 4)) + large(ids, torch.arange(0, 40, 4))
+        cut = lookup_only_tables(list(leaf_edges([h.sum()])), {id(small.weight), id(large.weight)})
+        assert (id(small.weight) in cut) == sparse and id(large.weight) in cut
+
+
+def _fake_bag_node(ids, offsets, offset2bag, bag_size, mode, padding_idx=-1, weights=None):
+    """The saved tensors of an EmbeddingBagBackward0 node, shaped as another device's forward saves them."""
+    return types.SimpleNamespace(
+        _saved_indices=ids,
+        _saved_offsets=offsets,
+        _saved_result1=offset2bag,
+        _saved_result2=bag_size,
+        _saved_mode=mode,
+        _saved_padding_idx=padding_idx,
+        _saved_per_sample_weights=weights,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mean_bag_sizes_as_cuda_saves_them(dtype):
+    """CUDA saves offset2bag for every mode and one bag size per offset (with include_last_offset: one more than
+    bags); bags of 300 and 3000 ids (beyond bf16's and half's integers) get exact divisors."""
+    for n in (300, 3000):
+        ids = torch.arange(n + 2) % 7
+        offset2bag = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(2, dtype=torch.int64)])
+        node = _fake_bag_node(ids, torch.tensor([0, n, n + 2]), offset2bag, torch.tensor([n, 2, 12345]), mode=1)
+        grad = torch.ones(1, 2, 4, dtype=dtype)  # [T, bags, d]
+        rows, values = _bag_rows(node, grad, torch.zeros(7, 4, dtype=dtype), batch_dims=1)
+        assert values.dtype == torch.float32
+        torch.testing.assert_close(values[0, :n], torch.full((n, 4), 1 / n), rtol=1e-6, atol=0)
+        torch.testing.assert_close(values[0, n:], torch.full((2, 4), 0.5), rtol=0, atol=0)
+        assert torch.equal(rows, ids)
+
+
+def test_mean_bag_sizes_counted_where_none_were_saved():
+    ids = torch.tensor([1, 2, 3, 3, 5])
+    node = _fake_bag_node(
+        ids, torch.tensor([0, 2]), torch.tensor([0, 0, 1, 1, 1]), torch.zeros(0), mode=1, padding_idx=2
+    )
+    rows, values = _bag_rows(node, torch.ones(2, 3, dtype=torch.bfloat16), torch.zeros(8, 3), batch_dims=0)
+    assert rows.tolist() == [1, 8, 3, 3, 5]  # the padding id is "no row" (the table's row count)
+    torch.testing.assert_close(values[:, 0], torch.tensor([1.0, 1.0, 1 / 3, 1 / 3, 1 / 3]), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_low_precision_bags_match_autograd_with_one_task(dtype, mode):
+    """One task: the balanced gradient is the task's own, so it must match autograd's to the dtype's rounding (the
+    rows are scaled and summed in float32, autograd works in the table's dtype: tolerance of a few ulps)."""
+    torch.manual_seed(3)
+    ours = nn.EmbeddingBag(400, 8, mode=mode).to(dtype)
+    theirs = nn.EmbeddingBag(400, 8, mode=mode).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 400, (300,))
+    offsets = torch.tensor([0, 3, 3, 200, 290])
+    weights = torch.rand(300, dtype=dtype) if mode == "sum" else None
+    head = torch.randn(8, dtype=dtype)
+    MetaBalance([ours.weight], fused=None).step([(ours(ids, offsets, weights) @ head).float().square().sum()])
+    (theirs(ids, offsets, weights) @ head).float().square().sum().backward()
+    tolerance = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(ours.weight.grad.float(), theirs.weight.grad.float(), rtol=tolerance, atol=tolerance)

@@ -114,7 +114,7 @@ class EmbeddingCases(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.padded = nn.Embedding(40, 6, padding_idx=3)
+        self.padded = nn.Embedding(60, 6, padding_idx=3)  # more rows than the 48 ids of a batch
         self.tied = nn.Embedding(40, 6)
         self.by_freq = nn.Embedding(40, 6, scale_grad_by_freq=True)
         self.mix = nn.Linear(6, 8)
@@ -311,7 +311,7 @@ class LookupsOrIndexing(nn.Module):
         super().__init__()
         self.by_index = by_index
         self.users = nn.Embedding(30, 5)
-        self.items = nn.Embedding(40, 5, padding_idx=3)
+        self.items = nn.Embedding(80, 5, padding_idx=3)  # more rows than the ids of a step: cut at its rows
         self.mix = nn.Linear(5, 8)
         self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
 
