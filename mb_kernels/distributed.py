@@ -22,10 +22,10 @@ norm, so small per-rank batches bias the ratios toward 1). Communication: ``P*T 
 instead of ``T*N``, plus the towers. This mode computes with the pure-torch reference functions (it needs the
 norms between the two kernel phases).
 
-Embedding tables balanced by their rows (tables reached by ``nn.Embedding`` lookups only, and sparse tables) are
-exact in either mode: every rank gathers all ranks' looked-up rows (``T·K·d`` values per rank, far less than a
-``[T, V, d]`` all-reduce) and groups the union, so every rank balances the same global rows
-(:meth:`DistributedSync.gather_rows`).
+Embedding tables balanced by their rows (tables reached by lookups only, ``nn.Embedding`` or sum/mean
+``nn.EmbeddingBag``, and sparse tables) are exact in either mode: every rank gathers all ranks' looked-up rows
+(``T·K·d`` values per rank, far less than a ``[T, V, d]`` all-reduce) and groups the union, so every rank balances
+the same global rows (:meth:`DistributedSync.gather_rows`).
 
 Either way the optimizer's step has one path: :meth:`DistributedSync.wrap` turns the chosen backend into a
 :class:`~mb_kernels.backends.contract.BalanceFn` that does the collectives around (or instead of) it.
