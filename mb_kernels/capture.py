@@ -121,15 +121,19 @@ def _is_cut_lookup(node) -> bool:
     return False
 
 
-def lookup_only_tables(edges: Sequence[tuple], balanced_ids: set[int]) -> dict[int, list]:
+def lookup_only_tables(
+    edges: Sequence[tuple], balanced_ids: set[int], row_tables_before: frozenset[int] = frozenset()
+) -> dict[int, list]:
     """``{id(table): [lookup node, ...]}`` for the balanced 2-D tables that the graph of ``edges``
     (:func:`leaf_edges`) reaches through lookups only (``nn.Embedding``; ``nn.EmbeddingBag`` in sum or mean mode:
     :func:`_is_cut_lookup`). Their gradients are then taken at the lookups' outputs (``GradientEdge``), as rows,
     instead of the dense ``[V, d]`` embedding backward.
 
     A dense table whose lookups this step take more ids than it has rows (a small table, a large batch) is left
-    out: its rows would cost more than its ``[T, V, d]`` workspace. The count is a shape: no host read. Sparse
-    tables are always in: their per-task gradients have a row per id either way."""
+    out: its rows would cost more than its ``[T, V, d]`` workspace. The count is a shape: no host read. A table
+    that is a row table already (``row_tables_before``) stays one up to twice as many ids, so that counts around
+    the row count do not rebuild the buckets step after step. Sparse tables are always in: their per-task
+    gradients have a row per id either way."""
     lookups: dict[int, list] = {}
     other_parents: set[int] = set()
     leaves: dict[int, torch.Tensor] = {}
@@ -145,7 +149,8 @@ def lookup_only_tables(edges: Sequence[tuple], balanced_ids: set[int]) -> dict[i
     def cheaper_by_rows(key: int) -> bool:
         nodes = lookups[key]
         ids = sum(node._saved_indices.numel() for node in nodes)
-        return ids <= leaves[key].shape[0] or any(node._saved_sparse for node in nodes)
+        limit = leaves[key].shape[0] * (2 if key in row_tables_before else 1)
+        return ids <= limit or any(node._saved_sparse for node in nodes)
 
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents and cheaper_by_rows(key)}
 
@@ -215,9 +220,11 @@ def _collect_dense(
         rows = bucket.task_grad_views[task]
         for g, p in zip(bucket_grads, bucket.params):
             if g is not None and g.layout != torch.strided:
-                raise TypeError(
-                    f"MetaBalance: a balanced parameter of shape {tuple(p.shape)} received a {g.layout} gradient "
-                    "where its first step had a dense one; keep each table sparse or dense for the whole training"
+                raise ValueError(
+                    f"MetaBalance.step: the balanced parameter of shape {tuple(p.shape)} received a {g.layout} "
+                    "gradient through a computation (e.g. F.embedding(ids, w * 1, sparse=True) or a cast of the "
+                    "table): MetaBalance takes sparse gradients from lookups of the parameter itself. Look the "
+                    "parameter up directly, or use sparse=False."
                 )
         if all(g is not None for g in bucket_grads):
             torch._foreach_copy_(rows, list(bucket_grads))

@@ -59,9 +59,14 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join(str(tuple(p.shape)) for p in tensors[:5])
 
 
-def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor], balanced_ids: set[int]) -> SharedPlan:
-    """Check that ``shared`` separates the losses from the balanced parameters and find the lookups; raises
-    ValueError (nothing touched) when it does not."""
+def plan_through(
+    losses: Sequence[torch.Tensor],
+    shared: Sequence[torch.Tensor],
+    balanced_ids: set[int],
+    row_tables_before: frozenset[int] = frozenset(),
+) -> SharedPlan:
+    """Check that ``shared`` separates the losses from the balanced parameters and find the lookups
+    (:func:`~mb_kernels.capture.lookup_only_tables`); raises ValueError (nothing touched) when it does not."""
     for i, h in enumerate(shared):
         if not isinstance(h, torch.Tensor) or not h.requires_grad or h.grad_fn is None:
             raise ValueError(
@@ -117,7 +122,7 @@ def plan_through(losses: Sequence[torch.Tensor], shared: Sequence[torch.Tensor],
         list(shared),
         towers,
         bottom_others,
-        lookup_only_tables(edges, balanced_ids),
+        lookup_only_tables(edges, balanced_ids, row_tables_before),
         tower_consumers,
         sparse_gradient_params(edges, balanced_ids),
         set(below),

@@ -330,16 +330,17 @@ class MetaBalance(torch.optim.Optimizer):
         num_tasks = len(losses)
         balanced = {id(p) for group in self.param_groups for p in group["params"]}
         plan = None
+        row_tables_before = self._built_for[1] if self._built_for else frozenset()
         if shared_output is None:
             edges = list(leaf_edges(losses))
-            lookups = lookup_only_tables(edges, balanced)
+            lookups = lookup_only_tables(edges, balanced, row_tables_before)
             sparse_ids = sparse_gradient_params(edges, balanced)
             leaves = {id(leaf): leaf for _, leaf in edges}  # every leaf the losses reach, each once
             reached = set(leaves)
         else:
             shared = [shared_output] if isinstance(shared_output, torch.Tensor) else list(shared_output)
             try:
-                plan = plan_through(losses, shared, balanced)
+                plan = plan_through(losses, shared, balanced, row_tables_before)
             except ValueError as err:
                 if self._ddp is None:
                     raise

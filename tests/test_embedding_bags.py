@@ -251,3 +251,29 @@ def test_low_precision_bags_match_autograd_with_one_task(dtype, mode):
     (theirs(ids, offsets, weights) @ head).float().square().sum().backward()
     tolerance = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(ours.weight.grad.float(), theirs.weight.grad.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_table_near_its_row_count_does_not_switch_paths_step_after_step():
+    """Cut when a step looks up no more ids than the table has rows; once cut, kept up to twice as many (no rebuild
+    for counts around the row count); results equal a twin that always takes the workspace, averages kept."""
+    torch.manual_seed(0)
+    bag, twin = nn.EmbeddingBag(100, 4, mode="sum").double(), nn.EmbeddingBag(100, 4, mode="sum").double()
+    twin.load_state_dict(bag.state_dict())
+    mix = [nn.Linear(4, 4).double() for _ in range(2)]
+    mix[1].load_state_dict(mix[0].state_dict())
+    towers = [nn.Linear(4, 1).double() for _ in range(T)]
+    mb = MetaBalance([bag.weight, *mix[0].parameters()], relax_factor=0.7, beta=0.9, fused=None)
+    twin_mb = MetaBalance([twin.weight, *mix[1].parameters()], relax_factor=0.7, beta=0.9, fused=None)
+    gen = torch.Generator().manual_seed(1)
+    cut = []
+    for count in (90, 150, 250, 150, 90, 190):
+        ids = torch.randint(0, 100, (count,), generator=gen)
+        offsets = torch.arange(0, count, 10)
+        h = torch.tanh(mix[0](bag(ids, offsets)))
+        mb.step([t(h).square().mean() for t in towers])
+        h = torch.tanh(mix[1](twin(ids, offsets) + 0 * twin.weight.sum()))  # reached around its bag: workspace
+        twin_mb.step([t(h).square().mean() for t in towers])
+        cut.append(id(bag.weight) in mb._built_for[1])
+        torch.testing.assert_close(bag.weight.grad, twin.weight.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(mb.state[bag.weight]["norm_ema"], twin_mb.state[twin.weight]["norm_ema"])
+    assert cut == [True, True, False, False, True, True]

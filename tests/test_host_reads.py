@@ -1,17 +1,22 @@
 """A steady-state step reads no tensor value on the host (the condition for CUDA-graph capture and for no host
 synchronisation on GPU), checked on CPU: while the step runs, every way Python turns a tensor into a host value
 (``item``, ``tolist``, ``bool``, ``int``, ``float``, ``__index__``, ``numpy``) raises, and so does every ATen op
-that needs one (``_local_scalar_dense``, ``nonzero``, ``unique``, ``masked_select``, ``equal``, ``is_nonzero``).
+that needs one (``_local_scalar_dense``, ``nonzero``, ``unique``, ``masked_select``, ``equal``, ``is_nonzero``,
+``bincount``, boolean-mask indexing, ``repeat_interleave`` without an output size), a tensor made from Python
+values (``torch.tensor``), and any host-device copy. The watcher sees the ops the caller's thread dispatches, the
+autograd engine's backward included (CPU backward runs on it; on CUDA, the tier also turns CUDA's own sync check
+to "error"); it cannot see syncs inside an ATen kernel, so the ops that have them are refused by name. The step must
+also build nothing (no new bucket, no new plan): a plan build copies small host tensors to the device.
 
 Dense tables (balanced by rows or in the workspace) and dense parameters take no host read, in the plain step and
-with ``shared_output``. Sparse tables take one by design (the size of a sparse gradient is a host value): that case
-is the watcher's positive control.
+with ``shared_output``. Sparse tables take one by design (the size of a sparse gradient is a host value): the
+positive control of the method half; a custom Function whose backward calls ``nonzero`` is the op half's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -33,6 +38,8 @@ _HOST_VALUE_OPS = (
     "aten.masked_select",
     "aten.unique",
     "aten._unique",
+    "aten.bincount",
+    "aten.lift_fresh",  # torch.tensor(python values): made on the host
 )
 _HOST_VALUE_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
 
@@ -41,37 +48,49 @@ class HostRead(AssertionError):
     pass
 
 
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 class _RefuseHostValueOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = str(func)
         if name.startswith(_HOST_VALUE_OPS):
             raise HostRead(f"{name} reads a tensor value on the host")
-        tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-        devices = {t.device.type for t in tensors} | {str((kwargs or {}).get("device", "")).split(":")[0]} - {""}
+        tensors = _tensors([*args, *kwargs.values()])
+        if name.startswith(("aten.index.", "aten.index_put")) and any(t.dtype == torch.bool for t in _tensors(args[1])):
+            raise HostRead(f"{name} with a boolean mask: its size is a host value")
+        if name.startswith("aten.repeat_interleave") and kwargs.get("output_size") is None and len(args) < 3:
+            raise HostRead(f"{name} without output_size reads the repeats on the host")
+        devices = {t.device.type for t in tensors} | {str(kwargs.get("device", "")).split(":")[0]} - {""}
         if name.startswith(("aten._to_copy", "aten.copy_")) and "cpu" in devices and len(devices) > 1:
             # A host-device copy: it blocks on pageable memory and cannot be captured in a CUDA graph.
             raise HostRead(f"{name} copies between the host and the device")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def no_host_reads():
-    saved = {name: getattr(torch.Tensor, name) for name in _HOST_VALUE_METHODS}
-
+def no_host_reads(device: str = "cpu"):
     def refuse(name):
         def method(self, *args, **kwargs):
             raise HostRead(f"Tensor.{name} reads a tensor value on the host")
 
         return method
 
-    try:
-        for name in _HOST_VALUE_METHODS:
-            setattr(torch.Tensor, name, refuse(name))
-        with _RefuseHostValueOps():
-            yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+    with contextlib.ExitStack() as stack:
+        for name in _HOST_VALUE_METHODS:  # restored exactly (inherited methods stay inherited)
+            stack.enter_context(mock.patch.object(torch.Tensor, name, refuse(name)))
+        if device == "cuda":
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            stack.callback(torch.cuda.set_sync_debug_mode, previous)
+        stack.enter_context(_RefuseHostValueOps())
+        yield
 
 
 class _Recommender(torch.nn.Module):
@@ -106,7 +125,7 @@ class _Bags(Bags):
 
 
 def _steps(model_cls, device, backend, shared_output, sparse=False):
-    """Two warm-up steps (buckets and plans built), then a third under the watcher."""
+    """Two warm-up steps (buckets and plans built), then a third under the watcher, which must build nothing."""
     torch.manual_seed(0)
     model = (model_cls(sparse=True) if sparse else model_cls()).double().to(device)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, beta=0.9, backend=backend)
@@ -114,8 +133,12 @@ def _steps(model_cls, device, backend, shared_output, sparse=False):
         model.zero_grad(set_to_none=True)
         items, labels = (x.to(device) for x in _batch(step))
         losses, h = model.losses(items, labels)
-        with no_host_reads() if step == 2 else contextlib.nullcontext():
+        built = (mb._buckets, [(table, list(table._plans)) for _, table in mb._tables or []])
+        with no_host_reads(device) if step == 2 else contextlib.nullcontext():
             mb.step(losses, shared_output=h) if shared_output else mb.step(losses)
+        if step == 2:
+            assert mb._buckets is built[0], "the watched step rebuilt the buckets"
+            assert all(list(table._plans) == plans for table, plans in built[1]), "the watched step built a plan"
     return model
 
 
@@ -144,7 +167,38 @@ def test_sparse_tables_take_their_one_host_read(shared_output):
         _steps(_Recommender, "cpu", "cpu", shared_output, sparse=True)
 
 
+class _NonzeroInBackward(torch.autograd.Function):
+    """The identity, whose backward reads a value on the host (the op half of the watcher must see it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.nonzero(grad)
+        return grad
+
+
+class _SyncingBottom(SharedBottom):
+    def losses(self, items, labels):
+        h = _NonzeroInBackward.apply(self.bottom(self.embedding(items)))
+        out = [
+            torch.nn.functional.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i])
+            for i, t in enumerate(self.towers)
+        ]
+        return out, h
+
+
+def test_the_watcher_sees_the_backward_ops():
+    """The positive control of the op half: an op with a host read inside the autograd engine's backward."""
+    with pytest.raises((HostRead, RuntimeError), match="nonzero"):
+        _steps(_SyncingBottom, "cpu", "cpu", shared_output=False)
+
+
 def test_the_watcher_restores_tensor_methods():
+    before = {name: name in vars(torch.Tensor) for name in _HOST_VALUE_METHODS}
     with contextlib.suppress(HostRead), no_host_reads():
         torch.ones(()).item()
-    assert torch.ones(()).item() == 1.0 and copy.copy(torch.tensor([2])).tolist() == [2]
+    assert {name: name in vars(torch.Tensor) for name in _HOST_VALUE_METHODS} == before
+    assert torch.ones(()).item() == 1.0 and torch.tensor([2]).tolist() == [2]

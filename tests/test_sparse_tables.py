@@ -247,3 +247,16 @@ def test_a_sparse_table_also_used_densely_is_refused_before_any_backward(shared_
         mb.step(losses, shared_output=h if shared_output else None)
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert mb.num_tasks is None
+
+
+def test_a_sparse_lookup_of_a_computed_table_is_a_clear_error():
+    """F.embedding(ids, w * 1, sparse=True): a sparse gradient reaches w through an op, which the graph walk does
+    not see as a lookup; the pass that meets it names the cause, and every .grad is as before."""
+    torch.manual_seed(8)
+    w = nn.Parameter(torch.randn(30, 4, dtype=torch.float64))
+    mix = nn.Linear(4, 4).double()
+    mb = MetaBalance([w, *mix.parameters()], fused=None)
+    h = mix(F.embedding(torch.randint(0, 30, (8,)), w * 1, sparse=True))
+    with pytest.raises(ValueError, match="through a computation"):
+        mb.step([h.sum(), h.square().sum()])
+    assert w.grad is None and mix.weight.grad is None

@@ -48,7 +48,7 @@ def balance_weights(norm_ema: torch.Tensor, relax_factor: float, strategy: str) 
         rescale = torch.ones_like(norm_ema, dtype=torch.bool)
     # Guard m_t == 0 (a task that never reached the tensor): w = 1, never 0/0.
     rescale &= norm_ema != 0
-    rescale[:, 0] = False
+    rescale[:, 0].fill_(False)  # fill_, not item assignment: that makes a host tensor first
     safe_ema = torch.where(norm_ema != 0, norm_ema, torch.ones_like(norm_ema))
     # (m_0/m_t - 1) r + 1 evaluated as r m_0/m_t + (1 - r): both terms are >= 0, so no cancellation
     # when m_0/m_t << 1 (the literal form loses ~eps/w relative accuracy there). m_0/m_t is capped at the largest
