@@ -4,7 +4,7 @@
 
     python3 bench/count_step_ops.py [--device cpu] [--batch 256] [--rows 2000]
 
-For the tables suite's two models (``bench.test_bench_tables``: the paper network ``ncf`` and the bag
+For the tables suite's two models (``bench.recsys.table_model``: the paper network ``ncf`` and the bag
 recommender ``bags``), dense and sparse tables, counts the operations dispatched while ``sum(losses).backward()``
 (vanilla), ``MetaBalance.step(losses)`` (plain) and ``step(losses, shared_output=h)`` (shared_output) run, on the
 third step (buckets and plans built). Views and metadata-only operations are not counted: they launch nothing.
@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.test_bench_tables import _batches, _model
+from bench.recsys import table_batches, table_model
 from mb_kernels import MetaBalance
 
 # Operations that only make views or read metadata (no kernel).
@@ -61,8 +61,8 @@ class _CountOps(TorchDispatchMode):
 
 
 def count(kind: str, sparse: bool, variant: str, device: str, batch: int, rows: int) -> int:
-    model = _model(kind, device, rows, sparse)
-    batches = _batches(kind, batch, device, rows)
+    model = table_model(kind, device, rows, sparse)
+    batches = table_batches(kind, batch, device, rows)
     balancer = MetaBalance(model.shared_parameters())
     counter = _CountOps()
     for step, data in enumerate(batches[:3]):

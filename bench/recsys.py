@@ -123,3 +123,37 @@ def random_bag_batches(batch_size: int, count: int, device: str, rows: int, seed
         labels = (torch.rand(batch_size, NUM_TASKS, generator=gen) < rates).float()
         batches.append(tuple(x.to(device) for x in (history, weights, categories, labels)))
     return batches
+
+
+class _NCF(MultiTaskNCF):
+    """The paper network with the bench's interface: ``tables()``, ``losses(batch)`` (through ``forward``, as the
+    app's plain training computes them) and ``losses_and_shared(batch)``."""
+
+    def tables(self) -> list[nn.Parameter]:
+        return [m.weight for m in (self.user_mf, self.item_mf, self.user_mlp, self.item_mlp)]
+
+    def losses(self, batch):
+        return task_losses(self, batch)
+
+    def losses_and_shared(self, batch):
+        return task_losses_and_shared(self, batch)
+
+
+def table_model(kind: str, device: str, rows: int, sparse: bool) -> nn.Module:
+    """The tables suite's models (bench/test_bench_tables.py): ``"ncf"``, the paper network with ``rows``-row
+    user and item tables, or ``"bags"``, :class:`BagRecommender`; ``sparse`` sets every table's ``sparse``. Both
+    offer ``tables()``, ``shared_parameters()``, ``losses(batch)`` and ``losses_and_shared(batch)``."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _NCF(num_users=rows, num_items=rows, num_tasks=NUM_TASKS) if kind == "ncf" else BagRecommender(rows)
+    for table in model.modules():
+        if isinstance(table, (nn.Embedding, nn.EmbeddingBag)):
+            table.sparse = sparse
+    return model.train()
+
+
+def table_batches(kind: str, batch_size: int, device: str, rows: int):
+    """Eight random batches for :func:`table_model`'s ``kind``."""
+    if kind == "ncf":
+        return random_batches(batch_size, 8, device, quick=False, seed=1, num_users=rows, num_items=rows)
+    return random_bag_batches(batch_size, 8, device, rows, seed=1)

@@ -25,15 +25,7 @@ import torch
 from torch import nn
 
 from bench import common
-from bench.recsys import (
-    NUM_TASKS,
-    BagRecommender,
-    random_bag_batches,
-    random_batches,
-    task_losses,
-    task_losses_and_shared,
-)
-from experiments.recsys.model import MultiTaskNCF
+from bench.recsys import NUM_TASKS, table_batches, table_model
 from mb_kernels import MetaBalance
 
 VARIANTS = (
@@ -49,36 +41,6 @@ VARIANTS = (
 
 def table_rows(device: str) -> int:
     return 500 if common.QUICK else (1_000_000 if device == "cuda" else 200_000)
-
-
-class _NCF(MultiTaskNCF):
-    """The paper network with the bench's interface: ``tables()``, ``losses(batch)`` (through ``forward``, as the
-    app's plain training computes them) and ``losses_and_shared(batch)``."""
-
-    def tables(self) -> list[nn.Parameter]:
-        return [m.weight for m in (self.user_mf, self.item_mf, self.user_mlp, self.item_mlp)]
-
-    def losses(self, batch):
-        return task_losses(self, batch)
-
-    def losses_and_shared(self, batch):
-        return task_losses_and_shared(self, batch)
-
-
-def _model(kind: str, device: str, rows: int, sparse: bool) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = _NCF(num_users=rows, num_items=rows, num_tasks=NUM_TASKS) if kind == "ncf" else BagRecommender(rows)
-    for table in model.modules():
-        if isinstance(table, (nn.Embedding, nn.EmbeddingBag)):
-            table.sparse = sparse
-    return model.train()
-
-
-def _batches(kind: str, batch_size: int, device: str, rows: int):
-    if kind == "ncf":
-        return random_batches(batch_size, 8, device, quick=False, seed=1, num_users=rows, num_items=rows)
-    return random_bag_batches(batch_size, 8, device, rows, seed=1)
 
 
 def _step(variant: str, model: nn.Module, batches):
@@ -121,8 +83,8 @@ def _step(variant: str, model: nn.Module, batches):
 )
 def test_large_tables_interleaved(benchmark, device, batch_size, model_kind):
     rows = table_rows(device)
-    batches = _batches(model_kind, batch_size, device, rows)
-    dense, sparse = _model(model_kind, device, rows, False), _model(model_kind, device, rows, True)
+    batches = table_batches(model_kind, batch_size, device, rows)
+    dense, sparse = table_model(model_kind, device, rows, False), table_model(model_kind, device, rows, True)
     steps = {v: _step(v, copy.deepcopy(sparse if "sparse" in v else dense), batches) for v in VARIANTS}
     del dense, sparse
     benchmark.group = f"tables {model_kind} {device} batch={batch_size}"
