@@ -31,7 +31,7 @@ from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
-from .tables import RowBucket
+from .tables import RowBucket, norm_ema_from_rows
 
 
 class Bucket:
@@ -49,13 +49,7 @@ class Bucket:
             [seg.view(p.shape) for seg, p in zip(row.split(self.layout.sizes), params)] for row in self.task_grads
         ]
         # EMA of the norms, [P, T]; the optimizer state of each parameter holds a view of its row.
-        self.norm_ema = torch.zeros(len(params), num_tasks, dtype=state_dtype(self.dtype), device=self.device)
-        for i, row in enumerate(norm_ema_rows):
-            if row is not None:
-                self.norm_ema[i].copy_(row)
-
-    def norm_ema_views(self) -> list[torch.Tensor]:
-        return list(self.norm_ema.unbind(0))
+        self.norm_ema = norm_ema_from_rows(norm_ema_rows, num_tasks, self.dtype, self.device)
 
     def combined_views(self, out: torch.Tensor) -> list[torch.Tensor]:
         return [seg.view(p.shape) for seg, p in zip(out.split(self.layout.sizes), self.params)]

@@ -234,7 +234,7 @@ class MetaBalance(torch.optim.Optimizer):
     def _store_state(self, buckets: list[tuple[dict, Bucket]], tables: list[tuple[dict, RowBucket]]) -> None:
         """Point each parameter's optimizer state at its row of the moving averages."""
         for _, bucket in [*buckets, *tables]:
-            for p, view in zip(bucket.params, bucket.norm_ema_views()):
+            for p, view in zip(bucket.params, bucket.norm_ema.unbind(0)):
                 self.state[p][_STATE_KEY] = view
                 self.state[p][_SHAPE_KEY] = tuple(p.shape)
 

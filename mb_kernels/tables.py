@@ -77,10 +77,7 @@ class RowBucket:
         self.num_tasks = num_tasks
         self.sparse_output = sparse_output
         self.device, self.dtype, self.width = params[0].device, params[0].dtype, params[0].shape[1]
-        self.norm_ema = torch.zeros(len(params), num_tasks, dtype=state_dtype(self.dtype), device=self.device)
-        for i, row in enumerate(norm_ema_rows):
-            if row is not None:
-                self.norm_ema[i].copy_(row)
+        self.norm_ema = norm_ema_from_rows(norm_ema_rows, num_tasks, self.dtype, self.device)
         # Table i's ids live in [offset_i, offset_i + V_i] of one id space; offset_i + V_i is its "no row" id.
         bounds = [0]
         for p in params:
@@ -91,9 +88,6 @@ class RowBucket:
         # The [T, K, d] accumulation buffer, grown to the largest K seen and kept between steps (nothing outside
         # the step refers to it): zeroing mapped memory is much cheaper than a fresh allocation of this size on CPU.
         self._buffer = torch.zeros(0, dtype=state_dtype(self.dtype), device=self.device)
-
-    def norm_ema_views(self) -> list[torch.Tensor]:
-        return list(self.norm_ema.unbind(0))
 
     def add_task_rows(self, table: int, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
         self.parts[table].append((task, ids.reshape(-1), values.reshape(-1, self.width)))
@@ -248,6 +242,18 @@ class RowBucket:
         distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
         distinct[plan.filled] = slot_sorted[plan.last] - plan.first + 1 - no_row
         return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
+
+
+def norm_ema_from_rows(
+    rows: Sequence[torch.Tensor | None], num_tasks: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A bucket's moving averages ``[P, T]`` in the state dtype of ``dtype``: zeros, or the saved row of each
+    tensor that has one (a restored or rebuilt bucket keeps its averages)."""
+    norm_ema = torch.zeros(len(rows), num_tasks, dtype=state_dtype(dtype), device=device)
+    for i, row in enumerate(rows):
+        if row is not None:
+            norm_ema[i].copy_(row)
+    return norm_ema
 
 
 def accumulate_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
