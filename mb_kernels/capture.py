@@ -31,7 +31,7 @@ from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
-from .tables import RowBucket, norm_ema_from_rows
+from .tables import RowBucket, TableRows, norm_ema_from_rows
 
 
 class Bucket:
@@ -149,20 +149,20 @@ def lookup_only_tables(
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents and cheaper_by_rows(key)}
 
 
-def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lookup's row ids ``[k]`` and row gradients ``[*grad.shape[:batch_dims], k, d]`` from ``grad``, the gradient
-    at its output (with ``batch_dims`` leading task dimensions). Ids of the padding row become the table's row count
-    ("no row": :class:`~mb_kernels.tables.RowBucket` ignores their values, as autograd gives the padding row no
-    gradient); marking instead of removing keeps the shapes independent of the ids (no host sync)."""
+def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
+    """A lookup's rows from ``grad`` ``[T, *output shape]``, the per-task gradient at its output: ids ``[k]`` and
+    their ``[T, k, d]`` rows (:class:`~mb_kernels.tables.TableRows`). Ids of the padding row become the table's row
+    count ("no row": :class:`~mb_kernels.tables.RowBucket` ignores their values, as autograd gives the padding row
+    no gradient); marking instead of removing keeps the shapes independent of the ids (no host sync)."""
     if type(node).__name__ == "EmbeddingBagBackward0":
-        return _bag_rows(node, grad, table, batch_dims)
-    rows = node._saved_indices.reshape(-1)
+        return _bag_rows(node, grad, table)
+    ids = node._saved_indices.reshape(-1)
     if node._saved_padding_idx >= 0:
-        rows = torch.where(rows == node._saved_padding_idx, table.shape[0], rows)
-    return rows, grad.reshape(*grad.shape[:batch_dims], -1, table.shape[1])
+        ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
+    return TableRows(ids, grad.reshape(grad.shape[0], -1, table.shape[1]), None, None)
 
 
-def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
     """:func:`lookup_rows` of an ``nn.EmbeddingBag`` (sum or mean): every looked-up id gets its bag's gradient,
     times its per-sample weight (sum) or over its bag's size (mean), as autograd's embedding-bag backward gives it:
     with the bag of each id and the bag sizes the forward saved where it saved them (ATen's ``offset2bag`` and
@@ -171,10 +171,11 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) ->
     Where ATen's own backward is undefined (ids after the closing offset in CPU's fast sum path, which reads out
     of bounds; zero bags with ids), those ids get no gradient, as they contributed nothing to the forward."""
     ids = node._saved_indices.reshape(-1)
-    bags = grad.shape[-2]
+    num_tasks, bags = grad.shape[0], grad.shape[-2]
+    source = grad.reshape(num_tasks, bags, table.shape[1])
     if bags == 0:  # nothing to gather from: every id is "no row"
         no_rows = torch.full_like(ids, table.shape[0])
-        return no_rows, grad.new_zeros(*grad.shape[:batch_dims], ids.numel(), table.shape[1])
+        return TableRows(no_rows, grad.new_zeros(num_tasks, 1, table.shape[1]), torch.zeros_like(ids), None)
     offset2bag, bag_size = node._saved_result1, node._saved_result2
     if offset2bag.numel() == ids.numel():
         bag = offset2bag.to(torch.int64)
@@ -190,17 +191,17 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor, batch_dims: int) ->
         bag = bag.clamp_min(0)
     if node._saved_padding_idx >= 0:
         valid &= ids != node._saved_padding_idx
-    # Scaled in the accumulation dtype (float32 for half tables; the rows are summed in it anyway), as is the count.
+    # Weights in the accumulation dtype (float32 for half tables; the rows are summed in it anyway), as is the count.
     acc = state_dtype(grad.dtype)
-    values = grad.index_select(batch_dims, bag).to(acc)
+    weight = None
     if node._saved_mode == _BAG_MEAN:
         if bag_size.numel() < bags:  # not saved: count each bag's non-padding ids
             bag_size = torch.zeros(bags, dtype=acc, device=grad.device).index_add_(0, bag, valid.to(acc))
         # CUDA saves one size per offset: with include_last_offset, one more than bags (the first ones are theirs).
-        values = values / bag_size[:bags].to(acc).clamp_min(1)[bag, None]
+        weight = bag_size[:bags].to(acc).clamp_min(1).reciprocal()[bag]
     elif node._saved_per_sample_weights is not None:
-        values = values * node._saved_per_sample_weights.to(acc)[:, None]
-    return torch.where(valid, ids, table.shape[0]), values
+        weight = node._saved_per_sample_weights.to(acc).reshape(-1)
+    return TableRows(torch.where(valid, ids, table.shape[0]), source, bag, weight)
 
 
 def _collect_dense(
@@ -463,7 +464,7 @@ def capture_task_grads(
                 if present:
                     zero = torch.zeros_like(present[0])
                     values = torch.stack([zero if g is None else g for g in per_task])
-                    bucket.add_shared_rows(i, *lookup_rows(node, values, bucket.params[i], batch_dims=1))
+                    bucket.add_shared_rows(i, *lookup_rows(node, values, bucket.params[i]))
         for p, total in zip(capture.others, sums):
             p.grad = total.result(p)
     except BaseException:

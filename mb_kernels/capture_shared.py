@@ -28,7 +28,7 @@ from .capture import (
     task_passes,
     walk_graph,
 )
-from .tables import RowBucket
+from .tables import RowBucket, TableRows
 
 
 @dataclass
@@ -230,9 +230,9 @@ def capture_task_grads_through(
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
         num_tasks = len(losses)
 
-        def lookups_of(p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def lookups_of(p: torch.Tensor) -> list[TableRows]:
             found = [(node, row_grads[node]) for node in lookups.get(id(p), [])]
-            return [lookup_rows(node, g, p, batch_dims=1) for node, g in found if g is not None]
+            return [lookup_rows(node, g, p) for node, g in found if g is not None]
 
         with torch.no_grad():
             for bucket, hit in zip(buckets, capture.reached):
@@ -248,8 +248,8 @@ def capture_task_grads_through(
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
-                    for rows, g in lookups_of(p):
-                        bucket.add_shared_rows(i, rows, g)
+                    for rows in lookups_of(p):
+                        bucket.add_shared_rows(i, *rows)
             for p, total in zip(towers, tower_sums):
                 p.grad = total.result(p)
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

@@ -17,14 +17,20 @@ and row width) are grouped by one sort of their ids into a ``[T, K, d]`` block, 
 needed), and the block goes through the same fused backend as a dense bucket whose tensors are the tables' row
 blocks: norms, moving averages, weights and weighted sum in one call. Work is O(T·K·d) plus one sort of K ids,
 never O(V·d) (except a dense result itself).
+
+A part names its rows without materialising them (:class:`TableRows`): an ``nn.EmbeddingBag`` id's row is its
+bag's gradient times a weight, so the grouping reads each bag's gradient once per id (one ``embedding_bag`` per
+task and table over the ids in sorted order) instead of first writing a ``[T, ids, d]`` copy of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .backends.contract import BalanceFn, Hyperparameters, state_dtype
 from .layout import FlatLayout
@@ -32,9 +38,25 @@ from .layout import FlatLayout
 # Per bucket, the layouts of recent id counts (one per batch shape in practice): bounded, as counts may vary.
 _PLAN_CACHE_SIZE = 8
 
-# One part of a table's gradient this step: (task, ids [k], values [k, d]) from one task's backward pass, or
-# (None, ids [k], values [T, k, d]) for rows looked up once for every task (shared_output).
-Part = tuple[int | None, torch.Tensor, torch.Tensor]
+
+class TableRows(NamedTuple):
+    """One part of a table's gradient this step, one row per looked-up id: task t's row of id ``ids[j]`` is
+    ``source[t, rows[j]] * weight[j]`` (``rows`` None: ``source[t, j]``; ``weight`` None: 1). An embedding bag's
+    ids share their bag's row of ``source`` (its output gradient), weighted by the per-sample weight or
+    1 / bag size; a lookup's or a sparse gradient's rows are ``source`` itself."""
+
+    ids: torch.Tensor
+    """``[k]`` row ids; the table's row count means "no row" (its values are ignored)."""
+    source: torch.Tensor
+    """``[T, m, d]``: zero for a task that does not reach this part."""
+    rows: torch.Tensor | None
+    weight: torch.Tensor | None
+    """In the accumulation dtype."""
+
+    def values(self) -> torch.Tensor:
+        """The rows ``[T, k, d]`` themselves (in the accumulation dtype when weighted)."""
+        values = self.source if self.rows is None else self.source.index_select(1, self.rows)
+        return values if self.weight is None else values * self.weight[:, None]
 
 
 @dataclass
@@ -50,6 +72,10 @@ class _GroupPlan:
     offset_of_position: torch.Tensor
     table_of_position: torch.Tensor
     position_in_table: torch.Tensor
+    slots: torch.Tensor
+    """``arange(K)``: every slot (and every sorted position)."""
+    end_of_position: torch.Tensor
+    """Per slot, the end of its table's block."""
     filled: torch.Tensor
     """Indices of the tables with at least one id, and for each: the sorted position of its last id, the start of
     its block and its row count (its "no row" id)."""
@@ -83,35 +109,40 @@ class RowBucket:
         for p in params:
             bounds.append(bounds[-1] + p.shape[0] + 1)
         self.id_offsets = bounds[:-1]
-        self.parts: list[list[Part]] = [[] for _ in params]
+        self.parts: list[list[TableRows]] = [[] for _ in params]
         self._plans: dict[tuple[int, ...], _GroupPlan] = {}  # least recently used first
         # The [T, K, d] accumulation buffer, grown to the largest K seen and kept between steps (nothing outside
         # the step refers to it): zeroing mapped memory is much cheaper than a fresh allocation of this size on CPU.
         self._buffer = torch.zeros(0, dtype=state_dtype(self.dtype), device=self.device)
 
     def add_task_rows(self, table: int, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
-        self.parts[table].append((task, ids.reshape(-1), values.reshape(-1, self.width)))
+        """Rows ``values [k, d]`` of task ``task`` only (one task's sparse gradient)."""
+        values = values.reshape(-1, self.width)
+        source = values.new_zeros(self.num_tasks, *values.shape)
+        source[task] = values
+        self.parts[table].append(TableRows(ids.reshape(-1), source, None, None))
 
-    def add_shared_rows(self, table: int, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Rows looked up once for every task: ``values`` is ``[T, k, d]``."""
-        self.parts[table].append((None, ids.reshape(-1), values.reshape(self.num_tasks, -1, self.width)))
+    def add_shared_rows(
+        self,
+        table: int,
+        ids: torch.Tensor,
+        source: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        """Rows looked up once for every task (:class:`TableRows`): ``source`` is ``[T, m, d]``."""
+        source = source.reshape(self.num_tasks, -1, self.width)
+        self.parts[table].append(TableRows(ids.reshape(-1), source, rows, weight))
 
     def rows_of(self, table: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table ``table``'s parts of this step as one ``(ids [k], values [T, k, d])`` (zero rows for the tasks a
-        part does not belong to), in the table's dtype: what DDP gathers across ranks."""
-        ids, values = [], []
-        for task, part_ids, part_values in self.parts[table]:
-            if task is None:
-                values.append(part_values.to(self.dtype))
-            else:
-                block = part_values.new_zeros(self.num_tasks, *part_values.shape, dtype=self.dtype)
-                block[task] = part_values
-                values.append(block)
-            ids.append(part_ids.to(torch.int64))
-        if not ids:
+        """Table ``table``'s parts of this step as one ``(ids [k], values [T, k, d])`` in the table's dtype: what
+        DDP gathers across ranks."""
+        parts = self.parts[table]
+        if not parts:
             empty = torch.zeros(self.num_tasks, 0, self.width, dtype=self.dtype, device=self.device)
             return torch.zeros(0, dtype=torch.int64, device=self.device), empty
-        return torch.cat(ids), torch.cat(values, dim=1)
+        ids = torch.cat([part.ids.to(torch.int64) for part in parts])
+        return ids, torch.cat([part.values().to(self.dtype) for part in parts], dim=1)
 
     def clear(self) -> None:
         self.parts = [[] for _ in self.params]
@@ -139,6 +170,8 @@ class RowBucket:
                 start_of_position=torch.repeat_interleave(torch.tensor(starts[:-1]), repeats).to(self.device),
                 offset_of_position=torch.repeat_interleave(torch.tensor(self.id_offsets), repeats).to(self.device),
                 table_of_position=torch.repeat_interleave(torch.arange(len(counts)), repeats).to(self.device),
+                slots=torch.arange(starts[-1]).to(self.device),
+                end_of_position=torch.repeat_interleave(torch.tensor(starts[1:]), repeats).to(self.device),
                 position_in_table=(
                     torch.arange(starts[-1]) - torch.repeat_interleave(torch.tensor(starts[:-1]), repeats)
                 ).to(self.device),
@@ -152,7 +185,7 @@ class RowBucket:
     def balance(self, balance_fn: BalanceFn, hyper: Hyperparameters) -> list[torch.Tensor | None]:
         """Update the moving averages (always, as for a dense tensor: a task that did not reach a table has norm
         0) and return each table's balanced gradient, None for a table no task reached."""
-        plan = self._plan(tuple(sum(ids.numel() for _, ids, _ in parts) for parts in self.parts))
+        plan = self._plan(tuple(sum(part.ids.numel() for part in parts) for parts in self.parts))
         ids, block, distinct = self._group_rows(plan)
         combined = torch.empty(block.shape[1], dtype=self.dtype, device=self.device)
         balance_fn(block, self.norm_ema, combined, plan.layout, hyper)
@@ -192,9 +225,11 @@ class RowBucket:
         Table i owns slots ``starts[i] : starts[i] + counts[i]``; its slot ``starts[i] + j`` for j < ``distinct[i]``
         holds its j-th smallest distinct id and, in row t of ``block``, task t's summed gradient of that row; its
         other slots are zero. An id equal to the table's row count means "no row" (a padding lookup): it is not
-        counted and its values are ignored. Duplicates are summed in the accumulation dtype (float32 for half tables)
-        and rounded once to the table's dtype (as autograd's dense embedding backward does on CUDA; on CPU it sums
-        half tables' duplicates in their own dtype, so this is the more accurate of the two).
+        counted and its values are ignored. The sums are ``embedding_bag`` sums over the sorted ids (one bag per
+        slot, empty past the distinct ids): duplicates added in a fixed order on every device (no atomics), in the
+        accumulation dtype (float32 for half tables) and rounded once to the table's dtype (as autograd's dense
+        embedding backward does on CUDA; on CPU it sums half tables' duplicates in their own dtype, so this is the
+        more accurate of the two).
         """
         acc = state_dtype(self.dtype)
         total = sum(plan.counts)
@@ -202,34 +237,45 @@ class RowBucket:
         size = self.num_tasks * total * self.width
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size, dtype=acc, device=self.device)
-        grouped = self._buffer[:size].view(self.num_tasks, total, self.width).zero_()
+        grouped = self._buffer[:size].view(self.num_tasks, total, self.width)
         if total == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
             return empty, grouped.view(self.num_tasks, 0).to(self.dtype), distinct
         offset_ids = [
-            part_ids.to(torch.int64) + offset
-            for parts, offset in zip(self.parts, self.id_offsets)
-            for _, part_ids, _ in parts
+            part.ids.to(torch.int64) + offset for parts, offset in zip(self.parts, self.id_offsets) for part in parts
         ]
-        ids = torch.cat(offset_ids)
-        sorted_ids, order = torch.sort(ids)
+        sorted_ids, order = torch.sort(torch.cat(offset_ids), stable=True)  # duplicates summed in input order
         first_of_run = torch.ones(total, dtype=torch.bool, device=self.device)
         first_of_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
         run = torch.cumsum(first_of_run, 0)
-        # Table i's ids occupy sorted positions starts[i] : starts[i] + counts[i] (its id range is its own).
+        # Table i's ids occupy positions starts[i] : starts[i] + counts[i], in input and in sorted order (its id
+        # range is its own). Each slot is one bag of the sorted ids: it starts at its first id's sorted position;
+        # a slot past the table's distinct ids starts at the table's end (an empty bag).
         slot_sorted = run - run[plan.start_of_position] + plan.start_of_position
-        slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)  # slot of each id in input order
-        begin = 0
-        for parts in self.parts:
-            for task, part_ids, values in parts:
-                where = slot[begin : begin + part_ids.numel()]
-                begin += part_ids.numel()
-                if task is None:  # [T, k, d]: one contiguous [k, d] accumulation per task (the fastest on CPU)
-                    for t in range(self.num_tasks):
-                        accumulate_rows(grouped[t], where, values[t].to(acc))
-                else:
-                    accumulate_rows(grouped[task], where, values.to(acc))
+        bag_starts = plan.end_of_position.clone().scatter_reduce_(0, slot_sorted, plan.slots, "amin")
+        # Both within each table: the position of each sorted id among its table's ids, the start of each bag.
+        order_in_table = order - plan.start_of_position
+        bag_starts -= plan.start_of_position
+        sums = []  # [T][tables]: in the block's order
+        for i, parts in enumerate(self.parts):
+            begin, k = plan.starts[i], plan.counts[i]
+            if k == 0:
+                continue
+            source, rows, weight = _concatenated(parts, acc)
+            sorted_positions = order_in_table[begin : begin + k]
+            source_rows = sorted_positions if rows is None else rows[sorted_positions]
+            weights = None if weight is None else weight[sorted_positions]
+            offsets = bag_starts[begin : begin + k]
+            sums.append(
+                [
+                    F.embedding_bag(source_rows, source[t], offsets, mode="sum", per_sample_weights=weights)
+                    for t in range(self.num_tasks)
+                ]
+            )
+        torch.cat(
+            [table_sums[t] for t in range(self.num_tasks) for table_sums in sums], out=grouped.view(-1, self.width)
+        )
         local_ids = sorted_ids - plan.offset_of_position
         distinct_ids = torch.zeros(total, dtype=torch.int64, device=self.device).scatter_(0, slot_sorted, local_ids)
         # A table's "no row" id sorts last among its ids: its slot, if it has one, is that of its last id. The values
@@ -244,6 +290,36 @@ class RowBucket:
         return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
 
 
+def _concatenated(
+    parts: Sequence[TableRows], acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One table's parts as one ``(source [T, m, d], rows, weight)`` in the accumulation dtype, rows in the order
+    of the parts' ids (no copy for a single part in that dtype)."""
+    if len(parts) == 1:
+        part = parts[0]
+        weight = None if part.weight is None else part.weight.to(acc)
+        return part.source.to(acc), part.rows, weight
+    source = torch.cat([part.source.to(acc) for part in parts], dim=1)
+    rows = weight = None
+    if any(part.rows is not None for part in parts):
+        rows, start = [], 0
+        for part in parts:
+            own = part.rows if part.rows is not None else torch.arange(part.ids.numel(), device=part.ids.device)
+            rows.append(own + start)
+            start += part.source.shape[1]
+        rows = torch.cat(rows)
+    if any(part.weight is not None for part in parts):
+        weight = torch.cat(
+            [
+                torch.ones(part.ids.numel(), dtype=acc, device=part.ids.device)
+                if part.weight is None
+                else part.weight.to(acc)
+                for part in parts
+            ]
+        )
+    return source, rows, weight
+
+
 def norm_ema_from_rows(
     rows: Sequence[torch.Tensor | None], num_tasks: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -254,16 +330,6 @@ def norm_ema_from_rows(
         if row is not None:
             norm_ema[i].copy_(row)
     return norm_ema
-
-
-def accumulate_rows(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """``target[index[j]] += values[j]`` along dim 0, duplicates summed in a fixed order: ``index_add_`` on CPU
-    (sequential per row), a sort-based ``index_put_(accumulate=True)`` on GPU, where ``index_add_`` uses atomics
-    and would make the sums, hence the norms, differ run to run in the last bits."""
-    if target.device.type == "cpu":
-        target.index_add_(0, index, values)
-    else:
-        target.index_put_((index,), values, accumulate=True)
 
 
 def row_buckets(tables: Sequence[tuple[torch.Tensor, torch.Tensor | None, bool]], num_tasks: int) -> list[RowBucket]:

@@ -217,8 +217,9 @@ def test_mean_bag_sizes_as_cuda_saves_them(dtype):
         offset2bag = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(2, dtype=torch.int64)])
         node = _fake_bag_node(ids, torch.tensor([0, n, n + 2]), offset2bag, torch.tensor([n, 2, 12345]), mode=1)
         grad = torch.ones(1, 2, 4, dtype=dtype)  # [T, bags, d]
-        rows, values = _bag_rows(node, grad, torch.zeros(7, 4, dtype=dtype), batch_dims=1)
-        assert values.dtype == torch.float32
+        part = _bag_rows(node, grad, torch.zeros(7, 4, dtype=dtype))
+        rows, values = part.ids, part.values()
+        assert part.weight.dtype == values.dtype == torch.float32
         torch.testing.assert_close(values[0, :n], torch.full((n, 4), 1 / n), rtol=1e-6, atol=0)
         torch.testing.assert_close(values[0, n:], torch.full((2, 4), 0.5), rtol=0, atol=0)
         assert torch.equal(rows, ids)
@@ -229,7 +230,8 @@ def test_mean_bag_sizes_counted_where_none_were_saved():
     node = _fake_bag_node(
         ids, torch.tensor([0, 2]), torch.tensor([0, 0, 1, 1, 1]), torch.zeros(0), mode=1, padding_idx=2
     )
-    rows, values = _bag_rows(node, torch.ones(2, 3, dtype=torch.bfloat16), torch.zeros(8, 3), batch_dims=0)
+    part = _bag_rows(node, torch.ones(1, 2, 3, dtype=torch.bfloat16), torch.zeros(8, 3))
+    rows, values = part.ids, part.values()[0]
     assert rows.tolist() == [1, 8, 3, 3, 5]  # the padding id is "no row" (the table's row count)
     torch.testing.assert_close(values[:, 0], torch.tensor([1.0, 1.0, 1 / 3, 1 / 3, 1 / 3]), rtol=1e-7, atol=0)
 
