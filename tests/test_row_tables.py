@@ -2,9 +2,9 @@
 reference run on the dense-equivalent ``[T, V·d]`` gradient (tests/cases.py bounds).
 
 Three tables of different sizes in one bucket, sparse, dense or mixed results. Each step mixes per-task parts (what a
-sparse backward pass hands over) and shared parts (the ``[T, k, d]`` rows of one lookup with ``shared_output``), with
-duplicate ids, rows only some tasks touch, padding ids ("no row") and, on some steps, an empty lookup, a table no
-task reaches, or no table reached at all."""
+sparse backward pass hands over), shared parts (the ``[T, k, d]`` rows of one lookup) and bag parts (an embedding
+bag's ids, each with its bag's ``[T, d]`` gradient times a weight), with duplicate ids, rows only some tasks touch,
+padding ids ("no row") and, on some steps, an empty lookup, a table no task reaches, or no table reached at all."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ OUTPUTS = {"sparse": (True, True, True), "dense": (False, False, False), "mixed"
 
 
 def _table_parts(gen: torch.Generator, rows: int, num_tasks: int, reached: bool, empty: bool):
-    """One table's parts of one step: per-task parts (task 1 of 3 has none: it reaches the table only through the
-    shared lookup) and one shared lookup with duplicates and "no row" ids (== rows; their values must be ignored)."""
+    """One table's parts of one step, ``(task, ids, values, bag of each id, weight of each id)``: per-task parts
+    (task 1 of 3 has none: it reaches the table only through the lookups), one shared lookup with duplicates and "no
+    row" ids (== rows; their values must be ignored) and, on some steps, a bag lookup (values: the bags' gradients;
+    bag and weight per id) before or after it."""
     if not reached:
         return []
     if empty:
@@ -44,7 +46,25 @@ def _table_parts(gen: torch.Generator, rows: int, num_tasks: int, reached: bool,
     values = torch.randn(num_tasks, 23, WIDTH, generator=gen, dtype=torch.float64)
     values *= 10.0 ** (torch.rand(num_tasks, 1, 1, generator=gen, dtype=torch.float64) * 4 - 2)
     parts.append((None, ids, values))
+    kind = int(torch.randint(0, 3, (), generator=gen))
+    if kind > 0:  # an embedding bag: 17 ids in 6 bags (one bag gets none), one weight per id
+        ids = torch.randint(0, rows + 1, (17,), generator=gen)
+        bags = torch.randint(0, 5, (17,), generator=gen)
+        # Powers of two: each weighted row is exact, so the sums round as the reference's (same order: input order;
+        # a fused multiply-add would otherwise differ from it in the last bit, and cancellation magnifies that).
+        weights = 2.0 ** torch.randint(-2, 3, (17,), generator=gen).double()
+        bag_grads = torch.randn(num_tasks, 6, WIDTH, generator=gen, dtype=torch.float64)
+        bag_part = (None, ids, bag_grads, bags, weights)
+        parts.insert(len(parts) if kind == 1 else 0, bag_part)
     return parts
+
+
+def _values(part) -> torch.Tensor:
+    """The rows of a part: a bag part's ids get their bag's gradient times their weight."""
+    values = part[2]
+    if len(part) == 5:
+        values = values[:, part[3]] * part[4][:, None].to(values.dtype)
+    return values
 
 
 def _step_parts(seed: int, step: int, num_tasks: int, dtype: torch.dtype, device: str):
@@ -58,7 +78,20 @@ def _step_parts(seed: int, step: int, num_tasks: int, dtype: torch.dtype, device
         )
         for i, rows in enumerate(TABLE_ROWS)
     ]
-    return [[(task, ids.to(device), values.to(dtype).to(device)) for task, ids, values in parts] for parts in tables]
+    acc = state_dtype(dtype)
+    return [
+        [
+            (
+                part[0],
+                part[1].to(device),
+                part[2].to(dtype).to(device),
+                *(x.to(device) for x in part[3:4]),
+                *(x.to(acc).to(device) for x in part[4:]),
+            )
+            for part in parts
+        ]
+        for parts in tables
+    ]
 
 
 def _dense_equivalent(tables, num_tasks: int, dtype: torch.dtype) -> torch.Tensor:
@@ -68,8 +101,9 @@ def _dense_equivalent(tables, num_tasks: int, dtype: torch.dtype) -> torch.Tenso
     blocks = []
     for parts, rows in zip(tables, TABLE_ROWS):
         dense = torch.zeros(num_tasks, rows + 1, WIDTH, dtype=acc)  # row `rows` collects the "no row" values (dropped)
-        for task, ids, values in parts:
-            ids, values = ids.cpu(), values.cpu().to(acc)
+        for task, ids, *rest in parts:
+            ids = ids.cpu()
+            values = _values([task, ids, *(x.cpu().to(acc) if x.is_floating_point() else x.cpu() for x in rest)])
             if task is None:
                 dense.index_add_(1, ids, values)
             else:
@@ -82,9 +116,9 @@ def _balance_step(bucket: RowBucket, tables, balance, hyper: Hyperparameters):
     """Hand one step's parts of every table to the bucket and balance them."""
     bucket.clear()
     for i, parts in enumerate(tables):
-        for task, ids, values in parts:
+        for task, ids, values, *bag in parts:
             if task is None:
-                bucket.add_shared_rows(i, ids, values)
+                bucket.add_shared_rows(i, ids, values, *bag)
             else:
                 bucket.add_task_rows(i, task, ids, values)
     return bucket.balance(balance, hyper)
@@ -127,7 +161,7 @@ def test_row_bucket_matches_the_dense_reference(device, backend, dtype, num_task
                 continue
             if sparse:
                 assert result.is_sparse and result.is_coalesced()
-                touched = torch.cat([ids for _, ids, _ in parts]).cpu().unique()
+                touched = torch.cat([part[1] for part in parts]).cpu().unique()
                 assert result._indices()[0].cpu().tolist() == touched[touched < TABLE_ROWS[i]].tolist()
                 result = result.to_dense()
             else:
