@@ -72,6 +72,8 @@ class _GroupPlan:
     offset_of_position: torch.Tensor
     table_of_position: torch.Tensor
     position_in_table: torch.Tensor
+    rows_of_position: torch.Tensor
+    """Per slot, its table's row count."""
     slots: torch.Tensor
     """``arange(K)``: every slot (and every sorted position)."""
     end_of_position: torch.Tensor
@@ -171,6 +173,9 @@ class RowBucket:
                 offset_of_position=torch.repeat_interleave(torch.tensor(self.id_offsets), repeats).to(self.device),
                 table_of_position=torch.repeat_interleave(torch.arange(len(counts)), repeats).to(self.device),
                 slots=torch.arange(starts[-1]).to(self.device),
+                rows_of_position=torch.repeat_interleave(torch.tensor([p.shape[0] for p in self.params]), repeats).to(
+                    self.device
+                ),
                 end_of_position=torch.repeat_interleave(torch.tensor(starts[1:]), repeats).to(self.device),
                 position_in_table=(
                     torch.arange(starts[-1]) - torch.repeat_interleave(torch.tensor(starts[:-1]), repeats)
@@ -193,11 +198,10 @@ class RowBucket:
         counts_on_host = distinct.tolist() if any(self.sparse_output) else []
         rows = combined.view(-1, self.width)
         if not all(self.sparse_output):
-            # Slots past a table's distinct ids (zeros, or the "no row" id) add exact zeros into row 0: masked, for
-            # every table at once, so that even a 0 * Inf weight cannot reach it.
+            # Slots past a table's distinct ids (zeros, or the "no row" id) go to a row past the table's, dropped:
+            # whatever the kernel writes there never reaches a real row (cheaper than masking the [K, d] rows).
             used = plan.position_in_table < distinct[plan.table_of_position]
-            dense_ids = torch.where(used, ids, 0)
-            dense_rows = torch.where(used[:, None], rows, torch.zeros((), dtype=rows.dtype, device=self.device))
+            dense_ids = torch.where(used, ids, plan.rows_of_position)
         results: list[torch.Tensor | None] = []
         for i, p in enumerate(self.params):
             if not self.parts[i]:
@@ -215,8 +219,11 @@ class RowBucket:
                 )
                 results.append(sparse)
                 continue
-            dense = torch.zeros_like(p, memory_format=torch.preserve_format)
-            results.append(dense.index_add_(0, dense_ids[begin : begin + k], dense_rows[begin : begin + k]))
+            dense = torch.zeros(p.shape[0] + 1, self.width, dtype=self.dtype, device=self.device)
+            dense = dense.index_add_(0, dense_ids[begin : begin + k], rows[begin : begin + k])[:-1]
+            if dense.stride() != p.stride():  # a fresh gradient has the parameter's strides (as autograd's)
+                dense = torch.empty_like(p, memory_format=torch.preserve_format).copy_(dense)
+            results.append(dense)
         return results
 
     def _group_rows(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -191,3 +191,28 @@ def test_row_bucket_is_bitwise_reproducible(device):
     assert torch.equal(ema_first, ema_second)
     for a, b in zip(first, second):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_past_the_distinct_ids_never_reach_a_row(device):
+    """The block's slots past a table's distinct ids (duplicates, "no row" ids) hold no row: whatever the kernel
+    writes there (NaN here) must not reach any row of a dense result, row 0 included."""
+    params = [torch.zeros(rows, WIDTH, dtype=torch.float64, device=device) for rows in TABLE_ROWS]
+    bucket = RowBucket(params, 2, [None] * len(params), [False, False, True])
+    real = BACKENDS["torch"].loader()
+
+    def poisoned(grads, norm_ema, out, layout, hyper):
+        real(grads, norm_ema, out, layout, hyper)
+        out[(grads == 0).all(0)] = float("nan")  # the empty slots (random rows are never exactly zero)
+
+    ids = [torch.tensor([3, 3, 5, 37, 3]), torch.tensor([0, 10, 11, 0]), torch.tensor([1, 1, 20])]
+    for i, table_ids in enumerate(ids):
+        values = torch.randn(2, table_ids.numel(), WIDTH, dtype=torch.float64)
+        bucket.add_shared_rows(i, table_ids.to(device), values.to(device))
+    results = bucket.balance(poisoned, Hyperparameters(0.5, 0.0, "C"))
+    for result, table_ids, rows in zip(results, ids, TABLE_ROWS):
+        dense = result.to_dense() if result.is_sparse else result
+        touched = torch.zeros(rows, dtype=torch.bool)
+        touched[table_ids[table_ids < rows]] = True
+        assert torch.isfinite(dense).all()
+        assert (dense.cpu()[~touched] == 0).all() and (dense.cpu()[touched] != 0).all()
