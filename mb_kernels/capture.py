@@ -464,7 +464,7 @@ def capture_task_grads(
                 if present:
                     zero = torch.zeros_like(present[0])
                     values = torch.stack([zero if g is None else g for g in per_task])
-                    bucket.add_shared_rows(i, *lookup_rows(node, values, bucket.params[i]))
+                    bucket.add_part(i, lookup_rows(node, values, bucket.params[i]))
         for p, total in zip(capture.others, sums):
             p.grad = total.result(p)
     except BaseException:

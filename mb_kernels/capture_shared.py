@@ -248,8 +248,8 @@ def capture_task_grads_through(
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
-                    for rows in lookups_of(p):
-                        bucket.add_shared_rows(i, *rows)
+                    for part in lookups_of(p):
+                        bucket.add_part(i, part)
             for p, total in zip(towers, tower_sums):
                 p.grad = total.result(p)
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):

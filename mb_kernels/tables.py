@@ -41,22 +41,35 @@ _PLAN_CACHE_SIZE = 8
 
 class TableRows(NamedTuple):
     """One part of a table's gradient this step, one row per looked-up id: task t's row of id ``ids[j]`` is
-    ``source[t, rows[j]] * weight[j]`` (``rows`` None: ``source[t, j]``; ``weight`` None: 1). An embedding bag's
-    ids share their bag's row of ``source`` (its output gradient), weighted by the per-sample weight or
-    1 / bag size; a lookup's or a sparse gradient's rows are ``source`` itself."""
+    ``source[t, rows[j]] * weight[j]`` (``rows`` None: ``source[t, j]``; ``weight`` None: 1), or, for a part of one
+    task only (``task`` given: one task's sparse gradient), ``source[0, ...]`` for that task and zero for the
+    others. An embedding bag's ids share their bag's row of ``source`` (its output gradient), weighted by the
+    per-sample weight or 1 / bag size; a lookup's or a sparse gradient's rows are ``source`` itself."""
 
     ids: torch.Tensor
     """``[k]`` row ids; the table's row count means "no row" (its values are ignored)."""
     source: torch.Tensor
-    """``[T, m, d]``: zero for a task that does not reach this part."""
+    """``[T, m, d]``, or ``[1, m, d]`` for a part of one task."""
     rows: torch.Tensor | None
     weight: torch.Tensor | None
-    """In the accumulation dtype."""
+    """Any floating dtype: the rows are weighted and summed in the accumulation dtype."""
+    task: int | None = None
 
-    def values(self) -> torch.Tensor:
+    def values(self, num_tasks: int) -> torch.Tensor:
         """The rows ``[T, k, d]`` themselves (in the accumulation dtype when weighted)."""
         values = self.source if self.rows is None else self.source.index_select(1, self.rows)
-        return values if self.weight is None else values * self.weight[:, None]
+        values = values if self.weight is None else values * self.weight[:, None]
+        if self.task is None:
+            return values
+        every_task = values.new_zeros(num_tasks, *values.shape[1:])
+        every_task[self.task] = values[0]
+        return every_task
+
+    def source_of(self, task: int) -> torch.Tensor | None:
+        """``[m, d]``: the source rows of ``task``, None where the part is another task's."""
+        if self.task is None:
+            return self.source[task]
+        return self.source[0] if self.task == task else None
 
 
 @dataclass
@@ -119,10 +132,7 @@ class RowBucket:
 
     def add_task_rows(self, table: int, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Rows ``values [k, d]`` of task ``task`` only (one task's sparse gradient)."""
-        values = values.reshape(-1, self.width)
-        source = values.new_zeros(self.num_tasks, *values.shape)
-        source[task] = values
-        self.parts[table].append(TableRows(ids.reshape(-1), source, None, None))
+        self.parts[table].append(TableRows(ids.reshape(-1), values.reshape(1, -1, self.width), None, None, task))
 
     def add_shared_rows(
         self,
@@ -133,8 +143,10 @@ class RowBucket:
         weight: torch.Tensor | None = None,
     ) -> None:
         """Rows looked up once for every task (:class:`TableRows`): ``source`` is ``[T, m, d]``."""
-        source = source.reshape(self.num_tasks, -1, self.width)
-        self.parts[table].append(TableRows(ids.reshape(-1), source, rows, weight))
+        self.add_part(table, TableRows(ids.reshape(-1), source.reshape(self.num_tasks, -1, self.width), rows, weight))
+
+    def add_part(self, table: int, part: TableRows) -> None:
+        self.parts[table].append(part)
 
     def rows_of(self, table: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Table ``table``'s parts of this step as one ``(ids [k], values [T, k, d])`` in the table's dtype: what
@@ -144,7 +156,7 @@ class RowBucket:
             empty = torch.zeros(self.num_tasks, 0, self.width, dtype=self.dtype, device=self.device)
             return torch.zeros(0, dtype=torch.int64, device=self.device), empty
         ids = torch.cat([part.ids.to(torch.int64) for part in parts])
-        return ids, torch.cat([part.values().to(self.dtype) for part in parts], dim=1)
+        return ids, torch.cat([part.values(self.num_tasks).to(self.dtype) for part in parts], dim=1)
 
     def clear(self) -> None:
         self.parts = [[] for _ in self.params]
@@ -269,17 +281,18 @@ class RowBucket:
             begin, k = plan.starts[i], plan.counts[i]
             if k == 0:
                 continue
-            source, rows, weight = _concatenated(parts, acc)
             sorted_positions = order_in_table[begin : begin + k]
-            source_rows = sorted_positions if rows is None else rows[sorted_positions]
-            weights = None if weight is None else weight[sorted_positions]
             offsets = bag_starts[begin : begin + k]
-            sums.append(
-                [
-                    F.embedding_bag(source_rows, source[t], offsets, mode="sum", per_sample_weights=weights)
-                    for t in range(self.num_tasks)
-                ]
-            )
+            table_sums = []
+            for t in range(self.num_tasks):
+                source, rows, weight = _rows_of_task(parts, t, acc)
+                if source is None:  # no part of this table is this task's
+                    table_sums.append(torch.zeros(k, self.width, dtype=acc, device=self.device))
+                    continue
+                source_rows = sorted_positions if rows is None else rows[sorted_positions]
+                weights = None if weight is None else weight[sorted_positions]
+                table_sums.append(F.embedding_bag(source_rows, source, offsets, mode="sum", per_sample_weights=weights))
+            sums.append(table_sums)
         torch.cat(
             [table_sums[t] for t in range(self.num_tasks) for table_sums in sums], out=grouped.view(-1, self.width)
         )
@@ -297,30 +310,38 @@ class RowBucket:
         return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
 
 
-def _concatenated(
-    parts: Sequence[TableRows], acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One table's parts as one ``(source [T, m, d], rows, weight)`` in the accumulation dtype, rows in the order
-    of the parts' ids (no copy for a single part in that dtype)."""
+def _rows_of_task(
+    parts: Sequence[TableRows], task: int, acc: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Task ``task``'s rows of one table's parts as one ``(source [m, d], rows, weight)`` in the accumulation dtype,
+    rows in the order of the parts' ids: the ids of another task's part point at one zero row after the sources.
+    No copy for a single part in that dtype; ``(None, None, None)`` when no part is the task's."""
+    sources = [part.source_of(task) for part in parts]
+    if all(source is None for source in sources):
+        return None, None, None
     if len(parts) == 1:
-        part = parts[0]
-        weight = None if part.weight is None else part.weight.to(acc)
-        return part.source.to(acc), part.rows, weight
-    source = torch.cat([part.source.to(acc) for part in parts], dim=1)
+        weight = parts[0].weight
+        return sources[0].to(acc), parts[0].rows, None if weight is None else weight.to(acc)
+    device = parts[0].ids.device
+    own = [source.to(acc) for source in sources if source is not None]
+    zero_row = sum(source.shape[0] for source in own)
+    source = torch.cat([*own, own[0].new_zeros(1, own[0].shape[1])]) if len(own) < len(parts) else torch.cat(own)
     rows = weight = None
-    if any(part.rows is not None for part in parts):
+    if len(own) < len(parts) or any(part.rows is not None for part in parts):
         rows, start = [], 0
-        for part in parts:
-            own = part.rows if part.rows is not None else torch.arange(part.ids.numel(), device=part.ids.device)
-            rows.append(own + start)
-            start += part.source.shape[1]
+        for part, part_source in zip(parts, sources):
+            k = part.ids.numel()
+            if part_source is None:
+                rows.append(torch.full((k,), zero_row, dtype=torch.int64, device=device))
+                continue
+            mine = part.rows if part.rows is not None else torch.arange(k, device=device)
+            rows.append(mine + start)
+            start += part_source.shape[0]
         rows = torch.cat(rows)
     if any(part.weight is not None for part in parts):
         weight = torch.cat(
             [
-                torch.ones(part.ids.numel(), dtype=acc, device=part.ids.device)
-                if part.weight is None
-                else part.weight.to(acc)
+                torch.ones(part.ids.numel(), dtype=acc, device=device) if part.weight is None else part.weight.to(acc)
                 for part in parts
             ]
         )

@@ -218,7 +218,7 @@ def test_mean_bag_sizes_as_cuda_saves_them(dtype):
         node = _fake_bag_node(ids, torch.tensor([0, n, n + 2]), offset2bag, torch.tensor([n, 2, 12345]), mode=1)
         grad = torch.ones(1, 2, 4, dtype=dtype)  # [T, bags, d]
         part = _bag_rows(node, grad, torch.zeros(7, 4, dtype=dtype))
-        rows, values = part.ids, part.values()
+        rows, values = part.ids, part.values(1)
         assert part.weight.dtype == values.dtype == torch.float32
         torch.testing.assert_close(values[0, :n], torch.full((n, 4), 1 / n), rtol=1e-6, atol=0)
         torch.testing.assert_close(values[0, n:], torch.full((2, 4), 0.5), rtol=0, atol=0)
@@ -231,7 +231,7 @@ def test_mean_bag_sizes_counted_where_none_were_saved():
         ids, torch.tensor([0, 2]), torch.tensor([0, 0, 1, 1, 1]), torch.zeros(0), mode=1, padding_idx=2
     )
     part = _bag_rows(node, torch.ones(1, 2, 3, dtype=torch.bfloat16), torch.zeros(8, 3))
-    rows, values = part.ids, part.values()[0]
+    rows, values = part.ids, part.values(1)[0]
     assert rows.tolist() == [1, 8, 3, 3, 5]  # the padding id is "no row" (the table's row count)
     torch.testing.assert_close(values[:, 0], torch.tensor([1.0, 1.0, 1 / 3, 1 / 3, 1 / 3]), rtol=1e-7, atol=0)
 
