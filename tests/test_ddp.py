@@ -196,3 +196,80 @@ def test_ranks_whose_graphs_differ_agree_and_equal_one_process(tmp_path, shared_
     for rank in ranks:
         for name, value in model.state_dict().items():
             torch.testing.assert_close(rank["params"][name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+class BagTables(nn.Module):
+    """Two ``nn.EmbeddingBag`` tables (sum with per-sample weights and a padding id; mean), fixed-size bags; more
+    rows than a batch looks up, so that dense tables are balanced by rows too."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.history = nn.EmbeddingBag(200, 6, mode="sum", padding_idx=2, sparse=sparse)
+        self.tags = nn.EmbeddingBag(100, 6, mode="mean", sparse=sparse)
+        self.bottom = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+
+    def shared_parameters(self):
+        return [self.history.weight, self.tags.weight, *self.bottom.parameters()]
+
+    def forward(self, history, weights, tags, labels):
+        h = torch.tanh(self.bottom(self.history(history, per_sample_weights=weights) + self.tags(tags)))
+        losses = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return losses, h
+
+
+def _bag_batch(step, rank=None):
+    """32 examples (16 per rank): 4 weighted history ids (duplicates, the padding id) and 3 tags each."""
+    gen = torch.Generator().manual_seed(200 + step)
+    history = torch.randint(0, 12, (32, 4), generator=gen)
+    weights = torch.rand(32, 4, generator=gen, dtype=torch.float64)
+    tags = torch.randint(0, 30, (32, 3), generator=gen)
+    labels = (torch.rand(32, 3, generator=gen) < 0.3).double()
+    full = (history, weights, tags, labels)
+    return full if rank is None else tuple(x[rank * 16 : (rank + 1) * 16] for x in full)
+
+
+def _bag_model(sparse):
+    torch.manual_seed(2)
+    return BagTables(sparse).double()
+
+
+def _bag_worker(rank, port, out_dir, shared_output, sparse):
+    with _process_group(rank, port):
+        model = _bag_model(sparse)
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp)
+        tables = [model.history.weight, model.tags.weight]
+        rest = [p for p in model.parameters() if all(p is not t for t in tables)]
+        optimizers = [torch.optim.SGD(rest, lr=0.1), torch.optim.SGD(tables, lr=0.1)]
+        for step in range(STEPS):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            losses, h = ddp.module(*_bag_batch(step, rank))
+            mb.step(losses, shared_output=h if shared_output else None)
+            for optimizer in optimizers:
+                optimizer.step()
+        ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
+        torch.save({"params": model.state_dict(), "ema": ema}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize(("shared_output", "sparse"), [(False, True), (True, False)])
+def test_embedding_bags_under_ddp_equal_one_process(tmp_path, shared_output, sparse):
+    """Embedding-bag tables balanced by rows under DDP: each rank's bag rows (its bags' gradients per id, weighted)
+    gathered from every rank; every rank ends where one process does on the concatenated batch."""
+    args = (_free_port(), str(tmp_path), shared_output, sparse)
+    mp.start_processes(_bag_worker, args=args, nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = _bag_model(False)
+    mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        mb.step(model(*_bag_batch(step))[0])
+        optimizer.step()
+    ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
+    for rank in ranks:
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-10, atol=1e-12, msg=name)
+        for a, b in zip(rank["ema"], ema):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=0.0)
