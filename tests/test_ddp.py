@@ -165,26 +165,29 @@ def _skipped_model(sparse):
     return SkippedTable(sparse).double()
 
 
-def _skipped_worker(rank, port, out_dir, shared_output, sparse):
+def _table_worker(rank, port, out_dir, kind, shared_output, sparse):
+    """``kind``: "skipped" (SkippedTable) or "bags" (BagTables), this rank's shard of each step's batch."""
+    model, batch_of = (_skipped_model, _skipped_batch) if kind == "skipped" else (_bag_model, _bag_batch)
     with _process_group(rank, port):
-        model = _skipped_model(sparse)
+        model = model(sparse)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # takes sparse gradients too
         for step in range(STEPS):
             optimizer.zero_grad(set_to_none=True)
-            losses, h = model(*_skipped_batch(step, rank))
+            losses, h = model(*batch_of(step, rank))
             mb.step(losses, shared_output=h if shared_output else None)
             optimizer.step()
-        torch.save({"params": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
+        torch.save({"params": model.state_dict(), "ema": ema}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, True)])
 def test_ranks_whose_graphs_differ_agree_and_equal_one_process(tmp_path, shared_output, sparse):
     """Rank 1 never looks the side table up: the ranks agree on which tables are balanced by rows (no collective
     mismatch) and end where one process does on the concatenated batch."""
-    args = (_free_port(), str(tmp_path), shared_output, sparse)
-    mp.start_processes(_skipped_worker, args=args, nprocs=WORLD, start_method="spawn")
+    args = (_free_port(), str(tmp_path), "skipped", shared_output, sparse)
+    mp.start_processes(_table_worker, args=args, nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = _skipped_model(False)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
@@ -234,31 +237,12 @@ def _bag_model(sparse):
     return BagTables(sparse).double()
 
 
-def _bag_worker(rank, port, out_dir, shared_output, sparse):
-    with _process_group(rank, port):
-        model = _bag_model(sparse)
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        mb = MetaBalance(model.shared_parameters(), relax_factor=0.7, ddp_module=ddp)
-        tables = [model.history.weight, model.tags.weight]
-        rest = [p for p in model.parameters() if all(p is not t for t in tables)]
-        optimizers = [torch.optim.SGD(rest, lr=0.1), torch.optim.SGD(tables, lr=0.1)]
-        for step in range(STEPS):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            losses, h = ddp.module(*_bag_batch(step, rank))
-            mb.step(losses, shared_output=h if shared_output else None)
-            for optimizer in optimizers:
-                optimizer.step()
-        ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
-        torch.save({"params": model.state_dict(), "ema": ema}, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
 @pytest.mark.parametrize(("shared_output", "sparse"), [(False, True), (True, False)])
 def test_embedding_bags_under_ddp_equal_one_process(tmp_path, shared_output, sparse):
     """Embedding-bag tables balanced by rows under DDP: each rank's bag rows (its bags' gradients per id, weighted)
     gathered from every rank; every rank ends where one process does on the concatenated batch."""
-    args = (_free_port(), str(tmp_path), shared_output, sparse)
-    mp.start_processes(_bag_worker, args=args, nprocs=WORLD, start_method="spawn")
+    args = (_free_port(), str(tmp_path), "bags", shared_output, sparse)
+    mp.start_processes(_table_worker, args=args, nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model = _bag_model(False)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
