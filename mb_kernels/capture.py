@@ -149,20 +149,28 @@ def lookup_only_tables(
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents and cheaper_by_rows(key)}
 
 
-def lookup_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
-    """A lookup's rows from ``grad`` ``[T, *output shape]``, the per-task gradient at its output: ids ``[k]`` and
-    their ``[T, k, d]`` rows (:class:`~mb_kernels.tables.TableRows`). Ids of the padding row become the table's row
-    count ("no row": :class:`~mb_kernels.tables.RowBucket` ignores their values, as autograd gives the padding row
-    no gradient); marking instead of removing keeps the shapes independent of the ids (no host sync)."""
+def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: torch.Tensor) -> TableRows:
+    """A lookup's rows from ``grads``, each task's gradient at its output (a ``[T, *output shape]`` tensor, or one
+    tensor or None per task): ids ``[k]`` and each task's ``[k, d]`` rows (:class:`~mb_kernels.tables.TableRows`).
+    Ids of the padding row become the table's row count ("no row": :class:`~mb_kernels.tables.RowBucket` ignores
+    their values, as autograd gives the padding row no gradient); marking instead of removing keeps the shapes
+    independent of the ids (no host sync)."""
     if type(node).__name__ == "EmbeddingBagBackward0":
-        return _bag_rows(node, grad, table)
+        return _bag_rows(node, grads, table)
     ids = node._saved_indices.reshape(-1)
     if node._saved_padding_idx >= 0:
         ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
-    return TableRows(ids, grad.reshape(grad.shape[0], -1, table.shape[1]), None, None)
+    return TableRows(ids, _per_task_rows(grads, table.shape[1]), None, None)
 
 
-def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
+def _per_task_rows(grads: torch.Tensor | Sequence[torch.Tensor | None], width: int):
+    """``grads`` as rows of ``width``: ``[T, m, d]`` for a tensor, else a list of ``[m, d]`` or None."""
+    if isinstance(grads, torch.Tensor):
+        return grads.reshape(grads.shape[0], -1, width)
+    return [None if g is None else g.reshape(-1, width) for g in grads]
+
+
+def _bag_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: torch.Tensor) -> TableRows:
     """:func:`lookup_rows` of an ``nn.EmbeddingBag`` (sum or mean): every looked-up id gets its bag's gradient,
     times its per-sample weight (sum) or over its bag's size (mean), as autograd's embedding-bag backward gives it:
     with the bag of each id and the bag sizes the forward saved where it saved them (ATen's ``offset2bag`` and
@@ -171,11 +179,13 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
     Where ATen's own backward is undefined (ids after the closing offset in CPU's fast sum path, which reads out
     of bounds; zero bags with ids), those ids get no gradient, as they contributed nothing to the forward."""
     ids = node._saved_indices.reshape(-1)
-    num_tasks, bags = grad.shape[0], grad.shape[-2]
-    source = grad.reshape(num_tasks, bags, table.shape[1])
+    present = next(g for g in grads if g is not None)  # one task's gradient at the bags' output
+    bags = present.shape[-2]
+    source = _per_task_rows(grads, table.shape[1])
     if bags == 0:  # nothing to gather from: every id is "no row"
         no_rows = torch.full_like(ids, table.shape[0])
-        return TableRows(no_rows, grad.new_zeros(num_tasks, 1, table.shape[1]), torch.zeros_like(ids), None)
+        zero = [present.new_zeros(1, table.shape[1])] * len(grads)
+        return TableRows(no_rows, zero, torch.zeros_like(ids), None)
     offset2bag, bag_size = node._saved_result1, node._saved_result2
     if offset2bag.numel() == ids.numel():
         bag = offset2bag.to(torch.int64)
@@ -192,11 +202,11 @@ def _bag_rows(node, grad: torch.Tensor, table: torch.Tensor) -> TableRows:
     if node._saved_padding_idx >= 0:
         valid &= ids != node._saved_padding_idx
     # Weights in the accumulation dtype (float32 for half tables; the rows are summed in it anyway), as is the count.
-    acc = state_dtype(grad.dtype)
+    acc = state_dtype(present.dtype)
     weight = None
     if node._saved_mode == _BAG_MEAN:
         if bag_size.numel() < bags:  # not saved: count each bag's non-padding ids
-            bag_size = torch.zeros(bags, dtype=acc, device=grad.device).index_add_(0, bag, valid.to(acc))
+            bag_size = torch.zeros(bags, dtype=acc, device=ids.device).index_add_(0, bag, valid.to(acc))
         # CUDA saves one size per offset: with include_last_offset, one more than bags (the first ones are theirs).
         weight = bag_size[:bags].to(acc).clamp_min(1).reciprocal()[bag]
     elif node._saved_per_sample_weights is not None:
@@ -458,13 +468,11 @@ def capture_task_grads(
                 for rows, g in zip(cut_grads, grads[len(uncut) :]):
                     rows[task] = g
         with torch.no_grad():
-            # A lookup's ids are the same for every task: one [T, k, d] part, not T parts of k rows each.
+            # A lookup's ids are the same for every task: one part with each task's rows, not T parts (each task's
+            # gradient stays where autograd put it).
             for (bucket, i, node), per_task in zip(cut, cut_grads):
-                present = [g for g in per_task if g is not None]
-                if present:
-                    zero = torch.zeros_like(present[0])
-                    values = torch.stack([zero if g is None else g for g in per_task])
-                    bucket.add_part(i, lookup_rows(node, values, bucket.params[i]))
+                if any(g is not None for g in per_task):
+                    bucket.add_part(i, lookup_rows(node, per_task, bucket.params[i]))
         for p, total in zip(capture.others, sums):
             p.grad = total.result(p)
     except BaseException:

@@ -41,35 +41,29 @@ _PLAN_CACHE_SIZE = 8
 
 class TableRows(NamedTuple):
     """One part of a table's gradient this step, one row per looked-up id: task t's row of id ``ids[j]`` is
-    ``source[t, rows[j]] * weight[j]`` (``rows`` None: ``source[t, j]``; ``weight`` None: 1), or, for a part of one
-    task only (``task`` given: one task's sparse gradient), ``source[0, ...]`` for that task and zero for the
-    others. An embedding bag's ids share their bag's row of ``source`` (its output gradient), weighted by the
-    per-sample weight or 1 / bag size; a lookup's or a sparse gradient's rows are ``source`` itself."""
+    ``source[t][rows[j]] * weight[j]`` (``rows`` None: ``source[t][j]``; ``weight`` None: 1), zero where
+    ``source[t]`` is None (a task that does not reach this part). An embedding bag's ids share their bag's row of
+    ``source[t]`` (its output gradient), weighted by the per-sample weight or 1 / bag size; a lookup's or a sparse
+    gradient's rows are ``source[t]`` itself."""
 
     ids: torch.Tensor
     """``[k]`` row ids; the table's row count means "no row" (its values are ignored)."""
-    source: torch.Tensor
-    """``[T, m, d]``, or ``[1, m, d]`` for a part of one task."""
+    source: torch.Tensor | Sequence[torch.Tensor | None]
+    """Per task, ``[m, d]`` or None: a ``[T, m, d]`` tensor (one batched backward), or each pass's own tensor."""
     rows: torch.Tensor | None
     weight: torch.Tensor | None
     """Any floating dtype: the rows are weighted and summed in the accumulation dtype."""
-    task: int | None = None
 
     def values(self, num_tasks: int) -> torch.Tensor:
         """The rows ``[T, k, d]`` themselves (in the accumulation dtype when weighted)."""
-        values = self.source if self.rows is None else self.source.index_select(1, self.rows)
-        values = values if self.weight is None else values * self.weight[:, None]
-        if self.task is None:
-            return values
-        every_task = values.new_zeros(num_tasks, *values.shape[1:])
-        every_task[self.task] = values[0]
-        return every_task
-
-    def source_of(self, task: int) -> torch.Tensor | None:
-        """``[m, d]``: the source rows of ``task``, None where the part is another task's."""
-        if self.task is None:
-            return self.source[task]
-        return self.source[0] if self.task == task else None
+        present = next(s for s in self.source if s is not None)
+        blocks = []
+        for task in range(num_tasks):
+            source = self.source[task]
+            source = torch.zeros_like(present) if source is None else source
+            blocks.append(source if self.rows is None else source.index_select(0, self.rows))
+        values = torch.stack(blocks)
+        return values if self.weight is None else values * self.weight[:, None]
 
 
 @dataclass
@@ -132,7 +126,9 @@ class RowBucket:
 
     def add_task_rows(self, table: int, task: int, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Rows ``values [k, d]`` of task ``task`` only (one task's sparse gradient)."""
-        self.parts[table].append(TableRows(ids.reshape(-1), values.reshape(1, -1, self.width), None, None, task))
+        source: list[torch.Tensor | None] = [None] * self.num_tasks
+        source[task] = values.reshape(-1, self.width)
+        self.parts[table].append(TableRows(ids.reshape(-1), source, None, None))
 
     def add_shared_rows(
         self,
@@ -316,7 +312,7 @@ def _rows_of_task(
     """Task ``task``'s rows of one table's parts as one ``(source [m, d], rows, weight)`` in the accumulation dtype,
     rows in the order of the parts' ids: the ids of another task's part point at one zero row after the sources.
     No copy for a single part in that dtype; ``(None, None, None)`` when no part is the task's."""
-    sources = [part.source_of(task) for part in parts]
+    sources = [part.source[task] for part in parts]
     if all(source is None for source in sources):
         return None, None, None
     if len(parts) == 1:
