@@ -100,19 +100,19 @@ _BAG_SUM, _BAG_MEAN = 0, 1  # ATen's embedding_bag modes
 
 
 def _is_cut_lookup(node) -> bool:
-    """Whether the gradient of a table at this node's output gives the table's rows exactly, without the rest of
-    the batch: an ``nn.Embedding`` lookup, or an ``nn.EmbeddingBag`` in sum or mean mode whose per-sample weights
-    (if any) need no gradient. Not ``scale_grad_by_freq`` (a row's gradient depends on the whole batch) nor max mode
-    (each feature goes to a different row)."""
+    """Whether the gradient of a table at this node's output gives the table's rows exactly: an ``nn.Embedding``
+    lookup, or an ``nn.EmbeddingBag`` in sum or mean mode whose per-sample weights (if any) need no gradient. Not
+    max mode (each feature goes to a different row), nor ``scale_grad_by_freq`` with sparse gradients (which
+    autograd refuses, so the step leaves it to autograd's error)."""
     name = type(node).__name__
+    if name not in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+        return False
+    if node._saved_scale_grad_by_freq and node._saved_sparse:
+        return False
     if name == "EmbeddingBackward0":
-        return not node._saved_scale_grad_by_freq
-    if name == "EmbeddingBagBackward0":
-        weights_need_grad = len(node.next_functions) > 1 and node.next_functions[1][0] is not None
-        return (
-            node._saved_mode in (_BAG_SUM, _BAG_MEAN) and not node._saved_scale_grad_by_freq and not weights_need_grad
-        )
-    return False
+        return True
+    weights_need_grad = len(node.next_functions) > 1 and node.next_functions[1][0] is not None
+    return node._saved_mode in (_BAG_SUM, _BAG_MEAN) and not weights_need_grad
 
 
 def lookup_only_tables(
@@ -158,9 +158,25 @@ def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table
     if type(node).__name__ == "EmbeddingBagBackward0":
         return _bag_rows(node, grads, table)
     ids = node._saved_indices.reshape(-1)
+    weight = None
+    if node._saved_scale_grad_by_freq:
+        present = next(g for g in grads if g is not None)
+        weight = _inverse_frequency(ids, state_dtype(present.dtype))
     if node._saved_padding_idx >= 0:
         ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
-    return TableRows(ids, _per_task_rows(grads, table.shape[1]), None, None)
+    return TableRows(ids, _per_task_rows(grads, table.shape[1]), None, weight)
+
+
+def _inverse_frequency(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per id, 1 / how often it occurs in ``ids`` (all of a lookup's ids, padding included, as autograd counts
+    them): what ``scale_grad_by_freq`` scales each looked-up row's gradient by. Counted with a sort and run
+    lengths, so no shape depends on the ids."""
+    sorted_ids, order = torch.sort(ids)
+    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    new_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    run = torch.cumsum(new_run, 0) - 1
+    lengths = torch.zeros_like(ids).index_add_(0, run, torch.ones_like(ids))  # integers: exact in any order
+    return torch.empty_like(ids).scatter_(0, order, lengths[run]).to(dtype).reciprocal()
 
 
 def _per_task_rows(grads: torch.Tensor | Sequence[torch.Tensor | None], width: int):
@@ -211,6 +227,9 @@ def _bag_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: 
         weight = bag_size[:bags].to(acc).clamp_min(1).reciprocal()[bag]
     elif node._saved_per_sample_weights is not None:
         weight = node._saved_per_sample_weights.to(acc).reshape(-1)
+    if node._saved_scale_grad_by_freq:
+        frequency = _inverse_frequency(ids, acc)
+        weight = frequency if weight is None else weight * frequency
     return TableRows(torch.where(valid, ids, table.shape[0]), source, bag, weight)
 
 

@@ -205,6 +205,7 @@ def _fake_bag_node(ids, offsets, offset2bag, bag_size, mode, padding_idx=-1, wei
         _saved_mode=mode,
         _saved_padding_idx=padding_idx,
         _saved_per_sample_weights=weights,
+        _saved_scale_grad_by_freq=False,
     )
 
 

@@ -110,7 +110,7 @@ class HTwicePerTower(nn.Module):
 
 class EmbeddingCases(nn.Module):
     """Lookups the capture handles by rows: a padding_idx table looked up twice (duplicates across lookups), a table
-    tied to a matmul (dense path: it is reached around its lookup), and a scale_grad_by_freq table (dense path)."""
+    tied to a matmul (dense path: it is reached around its lookup), and a scale_grad_by_freq table."""
 
     def __init__(self):
         super().__init__()
@@ -246,7 +246,7 @@ def test_lookups_are_cut_at_their_rows_only_where_that_is_exact():
     model = EmbeddingCases()
     losses, h = model.losses(*_batch(0))
     lookups = plan_through(losses, [h], {id(p) for p in model.shared_parameters()}).lookups
-    assert set(lookups) == {id(model.padded.weight)}  # tied: reached around its lookup; by_freq: scaled rows
+    assert set(lookups) == {id(model.padded.weight), id(model.by_freq.weight)}  # tied: reached around its lookup
     assert len(lookups[id(model.padded.weight)]) == 2
 
 
@@ -403,3 +403,75 @@ def test_a_table_a_batch_skips_stays_balanced_by_rows():
             built = rows_mb._buckets
         assert rows_mb._buckets is built  # never rebuilt
         assert_same_step(index_model, index_mb, rows_model, rows_mb)
+
+
+def _scaled_by_frequency(weight, ids, padding_idx=None):
+    """``weight[ids]`` whose backward gives each row's gradient over how often its id occurs in ``ids`` (none for
+    the padding id): ``scale_grad_by_freq`` as documented, by indexing (the reference)."""
+    scale = 1.0 / (ids[:, None] == ids[None, :]).sum(1).double()
+    if padding_idx is not None:
+        scale = scale * (ids != padding_idx)
+    rows = weight[ids]
+    return rows * scale[:, None] + (rows * (1 - scale[:, None])).detach()
+
+
+class ByFrequency(nn.Module):
+    """``scale_grad_by_freq`` lookups: a padded table looked up twice (counted per lookup), a weighted sum bag and
+    a mean bag of 2 ids each. ``by_index``: the same by indexing, the gradients scaled by :func:`_scaled_by_frequency`
+    (the reference; PyTorch 2.13's CPU embedding-bag backward divides some rows by another id's count,
+    pytorch/pytorch#190063, where CUDA and the documentation divide by the row's own)."""
+
+    def __init__(self, by_index: bool):
+        super().__init__()
+        self.by_index = by_index
+        self.items = nn.Embedding(60, 6, padding_idx=3, scale_grad_by_freq=True)
+        self.summed = nn.EmbeddingBag(50, 6, mode="sum", scale_grad_by_freq=True)
+        self.averaged = nn.EmbeddingBag(50, 6, mode="mean", scale_grad_by_freq=True)
+        self.mix = nn.Linear(6, 8)
+        self.towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.items.weight, self.summed.weight, self.averaged.weight, *self.mix.parameters()]
+
+    def losses(self, items, labels):
+        bags = items.reshape(-1, 2) % 7  # few distinct ids: high counts
+        weights = torch.linspace(0.5, 1.5, bags.numel(), dtype=torch.float64).reshape(bags.shape)
+        if self.by_index:
+            x = _scaled_by_frequency(self.items.weight, items, 3)
+            x = x + _scaled_by_frequency(self.items.weight, (items * 7) % 40, 3)
+            ids = bags.reshape(-1)
+            summed = (_scaled_by_frequency(self.summed.weight, ids) * weights.reshape(-1, 1)).reshape(-1, 2, 6).sum(1)
+            averaged = _scaled_by_frequency(self.averaged.weight, ids).reshape(-1, 2, 6).mean(1)
+        else:
+            x = self.items(items) + self.items((items * 7) % 40)
+            summed, averaged = self.summed(bags, per_sample_weights=weights), self.averaged(bags)
+        x = x + summed.repeat_interleave(2, 0) + averaged.repeat(2, 1)
+        h = torch.tanh(self.mix(x))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+@pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
+@pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("C", 0.7, 0.9)])
+def test_scale_grad_by_freq_lookups_by_rows_match_autograd(shared_output, strategy, relax, beta):
+    torch.manual_seed(0)
+    reference, model = ByFrequency(by_index=True).double(), ByFrequency(by_index=False).double()
+    model.load_state_dict(reference.state_dict())
+    kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=None)
+    reference_mb, mb = (
+        MetaBalance(reference.shared_parameters(), **kwargs),
+        MetaBalance(model.shared_parameters(), **kwargs),
+    )
+    for step in range(3):
+        items, labels = _batch(step)
+        for m in (reference, model):
+            m.zero_grad(set_to_none=True)
+        reference_mb.step(reference.losses(items, labels)[0])
+        losses, h = model.losses(items, labels)
+        mb.step(losses, shared_output=h if shared_output else None)
+        assert mb._tables and not reference_mb._tables  # by rows here, through the workspace there
+        assert_same_step(reference, reference_mb, model, mb)
+        with torch.no_grad():
+            for m in (reference, model):
+                for p in m.parameters():
+                    p -= 0.5 * p.grad
