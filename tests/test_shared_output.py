@@ -435,7 +435,7 @@ class ByFrequency(nn.Module):
 
     def losses(self, items, labels):
         bags = items.reshape(-1, 2) % 7  # few distinct ids: high counts
-        weights = torch.linspace(0.5, 1.5, bags.numel(), dtype=torch.float64).reshape(bags.shape)
+        weights = torch.linspace(0.5, 1.5, bags.numel(), dtype=torch.float64, device=items.device).reshape(bags.shape)
         if self.by_index:
             x = _scaled_by_frequency(self.items.weight, items, 3)
             x = x + _scaled_by_frequency(self.items.weight, (items * 7) % 40, 3)
@@ -451,11 +451,13 @@ class ByFrequency(nn.Module):
         return out, h
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
 @pytest.mark.parametrize(("strategy", "relax", "beta"), [("A", 1.0, 0.0), ("C", 0.7, 0.9)])
-def test_scale_grad_by_freq_lookups_by_rows_match_autograd(shared_output, strategy, relax, beta):
+def test_scale_grad_by_freq_lookups_by_rows_match_autograd(device, shared_output, strategy, relax, beta):
     torch.manual_seed(0)
-    reference, model = ByFrequency(by_index=True).double(), ByFrequency(by_index=False).double()
+    reference = ByFrequency(by_index=True).double().to(device)
+    model = ByFrequency(by_index=False).double().to(device)
     model.load_state_dict(reference.state_dict())
     kwargs = dict(relax_factor=relax, beta=beta, strategy=strategy, fused=None)
     reference_mb, mb = (
@@ -463,7 +465,7 @@ def test_scale_grad_by_freq_lookups_by_rows_match_autograd(shared_output, strate
         MetaBalance(model.shared_parameters(), **kwargs),
     )
     for step in range(3):
-        items, labels = _batch(step)
+        items, labels = (x.to(device) for x in _batch(step))
         for m in (reference, model):
             m.zero_grad(set_to_none=True)
         reference_mb.step(reference.losses(items, labels)[0])
