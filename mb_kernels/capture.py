@@ -160,7 +160,7 @@ def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table
     ids = node._saved_indices.reshape(-1)
     weight = None
     if node._saved_scale_grad_by_freq:
-        present = next(g for g in grads if g is not None)
+        present = _one_task(grads)
         weight = _inverse_frequency(ids, state_dtype(present.dtype))
     if node._saved_padding_idx >= 0:
         ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
@@ -179,6 +179,11 @@ def _inverse_frequency(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(ids).scatter_(0, order, lengths[run]).to(dtype).reciprocal()
 
 
+def _one_task(grads: torch.Tensor | Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The gradient of one task that has one (a view: iterating a tensor would unbind it)."""
+    return grads[0] if isinstance(grads, torch.Tensor) else next(g for g in grads if g is not None)
+
+
 def _per_task_rows(grads: torch.Tensor | Sequence[torch.Tensor | None], width: int):
     """``grads`` as rows of ``width``: ``[T, m, d]`` for a tensor, else a list of ``[m, d]`` or None."""
     if isinstance(grads, torch.Tensor):
@@ -195,7 +200,7 @@ def _bag_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: 
     Where ATen's own backward is undefined (ids after the closing offset in CPU's fast sum path, which reads out
     of bounds; zero bags with ids), those ids get no gradient, as they contributed nothing to the forward."""
     ids = node._saved_indices.reshape(-1)
-    present = next(g for g in grads if g is not None)  # one task's gradient at the bags' output
+    present = _one_task(grads)  # one task's gradient at the bags' output
     bags = present.shape[-2]
     source = _per_task_rows(grads, table.shape[1])
     if bags == 0:  # nothing to gather from: every id is "no row"

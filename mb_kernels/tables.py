@@ -280,13 +280,21 @@ class RowBucket:
             sorted_positions = order_in_table[begin : begin + k]
             offsets = bag_starts[begin : begin + k]
             table_sums = []
+            in_sorted_order = {}  # the rows and weights of a table's tasks are mostly the same tensors: gathered once
             for t in range(self.num_tasks):
                 source, rows, weight = _rows_of_task(parts, t, acc)
                 if source is None:  # no part of this table is this task's
                     table_sums.append(torch.zeros(k, self.width, dtype=acc, device=self.device))
                     continue
-                source_rows = sorted_positions if rows is None else rows[sorted_positions]
-                weights = None if weight is None else weight[sorted_positions]
+                key = (id(rows), id(weight))
+                if key not in in_sorted_order:  # (holding rows and weight keeps their ids from being reused)
+                    in_sorted_order[key] = (
+                        rows,
+                        weight,
+                        sorted_positions if rows is None else rows[sorted_positions],
+                        None if weight is None else weight[sorted_positions],
+                    )
+                source_rows, weights = in_sorted_order[key][2:]
                 table_sums.append(F.embedding_bag(source_rows, source, offsets, mode="sum", per_sample_weights=weights))
             sums.append(table_sums)
         torch.cat(
