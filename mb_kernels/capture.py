@@ -149,6 +149,33 @@ def lookup_only_tables(
     return {key: nodes for key, nodes in lookups.items() if key not in other_parents and cheaper_by_rows(key)}
 
 
+# A table this large balanced through the [T, N] workspace is worth a warning (T full-size gradients per step).
+WORKSPACE_WARNING_ELEMENTS = 1 << 20
+
+
+def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: dict[int, list]) -> list[tuple]:
+    """``(table, reason)`` for the balanced dense 2-D tables of at least :data:`WORKSPACE_WARNING_ELEMENTS` that
+    the graph of ``edges`` looks up but that cannot be balanced by rows (so each task's full ``[V, d]`` gradient
+    goes through the workspace): also used otherwise, or looked up in a way whose rows the step cannot take. A
+    table left dense because a step looks up more ids than it has rows is not listed (the workspace is the cheaper
+    there)."""
+    looked_up: dict[int, torch.Tensor] = {}
+    reasons: dict[int, set[str]] = {}
+    for node, leaf in edges:
+        key = id(leaf)
+        if key not in balanced_ids or key in lookups or leaf.dim() != 2 or leaf.numel() < WORKSPACE_WARNING_ELEMENTS:
+            continue
+        if type(node).__name__ in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+            looked_up[key] = leaf
+            if getattr(node, "_saved_sparse", False):
+                continue  # a sparse table: balanced by rows, or refused with an error of its own
+            if not _is_cut_lookup(node):
+                reasons.setdefault(key, set()).add(f"a {type(node).__name__} lookup whose rows the step cannot take")
+        else:
+            reasons.setdefault(key, set()).add(f"{type(node).__name__}")
+    return [(leaf, sorted(reasons[key])) for key, leaf in looked_up.items() if key in reasons]
+
+
 def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: torch.Tensor) -> TableRows:
     """A lookup's rows from ``grads``, each task's gradient at its output (a ``[T, *output shape]`` tensor, or one
     tensor or None per task): ids ``[k]`` and each task's ``[k, d]`` rows (:class:`~mb_kernels.tables.TableRows`).

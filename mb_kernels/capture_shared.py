@@ -53,6 +53,8 @@ class SharedPlan:
     """Balanced tables the bottom gives sparse gradients (``sparse=True`` lookups)."""
     below_ids: set[int]
     """Every leaf below ``shared`` (the balanced parameters this step reaches)."""
+    edges: list[tuple]
+    """The ``(node, leaf)`` edges below ``shared`` (:func:`~mb_kernels.capture.leaf_edges`)."""
 
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> str:
@@ -126,6 +128,7 @@ def plan_through(
         tower_consumers,
         sparse_gradient_params(edges, balanced_ids),
         set(below),
+        edges,
     )
 
 

@@ -12,7 +12,14 @@ import torch
 
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
-from .capture import Bucket, capture_task_grads, leaf_edges, lookup_only_tables, sparse_gradient_params
+from .capture import (
+    Bucket,
+    capture_task_grads,
+    leaf_edges,
+    lookup_only_tables,
+    sparse_gradient_params,
+    tables_kept_dense,
+)
 from .capture_shared import capture_task_grads_through, plan_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
@@ -355,6 +362,9 @@ class MetaBalance(torch.optim.Optimizer):
         fresh = buckets_with_groups is None or self._built_for != layout_key
         if fresh:
             buckets_with_groups, tables_with_groups = self._build_buckets(num_tasks, sparse_ids, row_ids - sparse_ids)
+            self._warn_about_tables_kept_dense(
+                edges if plan is None else plan.edges, balanced, lookups, row_ids, num_tasks
+            )
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]
@@ -420,6 +430,23 @@ class MetaBalance(torch.optim.Optimizer):
             params = [p for group in self.param_groups for p in group["params"]]
             rows, sparse = self._ddp.agree_on_row_tables(params, rows, sparse, reached)
         return frozenset(rows), frozenset(sparse & rows)
+
+    def _warn_about_tables_kept_dense(
+        self, edges: list[tuple], balanced: set[int], lookups: dict[int, list], row_ids: frozenset[int], tasks: int
+    ) -> None:
+        """When the layout is built: warn about each large looked-up table that goes through the ``[T, N]``
+        workspace (a full ``[V, d]`` gradient per task) because something besides its lookups uses it."""
+        for table, reasons in tables_kept_dense(edges, balanced, lookups):
+            if id(table) in row_ids:
+                continue
+            warnings.warn(
+                f"MetaBalance: the embedding table of shape {tuple(table.shape)} is balanced through a dense "
+                f"per-task workspace ({tasks}x its size per step), not by its looked-up "
+                f"rows, because it is also used by {', '.join(reasons)}. If that use can apply to the looked-up rows "
+                "instead (e.g. a regulariser on the batch's embeddings rather than on the whole table), the table "
+                "costs about what it costs a Vanilla-Multi step.",
+                stacklevel=3,
+            )
 
     def _warn_if_target_never_reaches(self, emas_and_params: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
         """After the first step of a layout (one host read, once): warn when a balanced tensor has m_0 == 0 but

@@ -5,6 +5,7 @@ h before touching anything."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -477,3 +478,42 @@ def test_scale_grad_by_freq_lookups_by_rows_match_autograd(device, shared_output
             for m in (reference, model):
                 for p in m.parameters():
                     p -= 0.5 * p.grad
+
+
+class RegularisedTable(nn.Module):
+    """A table of 2**20 elements looked up, and (``regularised``) also penalised as a whole: its gradient is then
+    dense, so it goes through the workspace, which MetaBalance says once per layout."""
+
+    def __init__(self, regularised: bool):
+        super().__init__()
+        self.regularised = regularised
+        self.table = nn.Embedding(4096, 256)
+        self.towers = nn.ModuleList([nn.Linear(256, 1) for _ in range(T)])
+
+    def shared_parameters(self):
+        return [self.table.weight]
+
+    def losses(self, items, labels):
+        h = torch.tanh(self.table(items))
+        penalty = 1e-4 * self.table.weight.pow(2).sum() if self.regularised else 0.0
+        return [
+            F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) + penalty
+            for i, t in enumerate(self.towers)
+        ]
+
+
+@pytest.mark.parametrize("regularised", [False, True])
+def test_a_large_table_kept_dense_by_another_use_is_reported_once(regularised):
+    model = RegularisedTable(regularised)
+    mb = MetaBalance(model.shared_parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            mb.step(model.losses(*_batch(step)))
+    reports = [w for w in caught if "balanced through a dense per-task workspace" in str(w.message)]
+    if not regularised:
+        assert not reports and [p for _, b in mb._tables for p in b.params] == [model.table.weight]
+        return
+    assert len(reports) == 1, "once per layout"
+    assert "(4096, 256)" in str(reports[0].message) and "PowBackward0" in str(reports[0].message)
+    assert not mb._tables  # the workspace, as reported
