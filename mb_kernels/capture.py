@@ -31,7 +31,7 @@ from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
 from .layout import FlatLayout
-from .tables import RowBucket, TableRows, norm_ema_from_rows
+from .tables import RowBucket, TableRows, first_present, norm_ema_from_rows, sorted_runs
 
 
 class Bucket:
@@ -97,6 +97,7 @@ def sparse_gradient_params(edges: Sequence[tuple], candidates: set[int]) -> set[
 
 
 _BAG_SUM, _BAG_MEAN = 0, 1  # ATen's embedding_bag modes
+_LOOKUP_NODES = ("EmbeddingBackward0", "EmbeddingBagBackward0")
 
 
 def _is_cut_lookup(node) -> bool:
@@ -105,7 +106,7 @@ def _is_cut_lookup(node) -> bool:
     max mode (each feature goes to a different row), nor ``scale_grad_by_freq`` with sparse gradients (which
     autograd refuses, so the step leaves it to autograd's error)."""
     name = type(node).__name__
-    if name not in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+    if name not in _LOOKUP_NODES:
         return False
     if node._saved_scale_grad_by_freq and node._saved_sparse:
         return False
@@ -165,7 +166,7 @@ def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: d
         key = id(leaf)
         if key not in balanced_ids or key in lookups or leaf.dim() != 2 or leaf.numel() < WORKSPACE_WARNING_ELEMENTS:
             continue
-        if type(node).__name__ in ("EmbeddingBackward0", "EmbeddingBagBackward0"):
+        if type(node).__name__ in _LOOKUP_NODES:
             looked_up[key] = leaf
             if getattr(node, "_saved_sparse", False):
                 continue  # a sparse table: balanced by rows, or refused with an error of its own
@@ -187,7 +188,7 @@ def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table
     ids = node._saved_indices.reshape(-1)
     weight = None
     if node._saved_scale_grad_by_freq:
-        present = _one_task(grads)
+        present = first_present(grads)
         weight = _inverse_frequency(ids, state_dtype(present.dtype))
     if node._saved_padding_idx >= 0:
         ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
@@ -198,17 +199,10 @@ def _inverse_frequency(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per id, 1 / how often it occurs in ``ids`` (all of a lookup's ids, padding included, as autograd counts
     them): what ``scale_grad_by_freq`` scales each looked-up row's gradient by. Counted with a sort and run
     lengths, so no shape depends on the ids."""
-    sorted_ids, order = torch.sort(ids)
-    new_run = torch.ones_like(sorted_ids, dtype=torch.bool)
-    new_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    run = torch.cumsum(new_run, 0) - 1
-    lengths = torch.zeros_like(ids).index_add_(0, run, torch.ones_like(ids))  # integers: exact in any order
+    _, order, run = sorted_runs(ids)
+    # Run numbers start at 1. Integers: exact in any order.
+    lengths = torch.zeros(ids.numel() + 1, dtype=ids.dtype, device=ids.device).index_add_(0, run, torch.ones_like(ids))
     return torch.empty_like(ids).scatter_(0, order, lengths[run]).to(dtype).reciprocal()
-
-
-def _one_task(grads: torch.Tensor | Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The gradient of one task that has one (a view: iterating a tensor would unbind it)."""
-    return grads[0] if isinstance(grads, torch.Tensor) else next(g for g in grads if g is not None)
 
 
 def _per_task_rows(grads: torch.Tensor | Sequence[torch.Tensor | None], width: int):
@@ -227,7 +221,7 @@ def _bag_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: 
     Where ATen's own backward is undefined (ids after the closing offset in CPU's fast sum path, which reads out
     of bounds; zero bags with ids), those ids get no gradient, as they contributed nothing to the forward."""
     ids = node._saved_indices.reshape(-1)
-    present = _one_task(grads)  # one task's gradient at the bags' output
+    present = first_present(grads)  # one task's gradient at the bags' output
     bags = present.shape[-2]
     source = _per_task_rows(grads, table.shape[1])
     if bags == 0:  # nothing to gather from: every id is "no row"

@@ -56,7 +56,7 @@ class TableRows(NamedTuple):
 
     def values(self, num_tasks: int) -> torch.Tensor:
         """The rows ``[T, k, d]`` themselves (in the accumulation dtype when weighted)."""
-        present = next(s for s in self.source if s is not None)
+        present = first_present(self.source)
         blocks = []
         for task in range(num_tasks):
             source = self.source[task]
@@ -64,6 +64,21 @@ class TableRows(NamedTuple):
             blocks.append(source if self.rows is None else source.index_select(0, self.rows))
         values = torch.stack(blocks)
         return values if self.weight is None else values * self.weight[:, None]
+
+
+def first_present(per_task: torch.Tensor | Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """A task's tensor from ``per_task`` (a ``[T, ...]`` tensor, or one tensor or None per task): the first one
+    present (indexed, not iterated: iterating a tensor unbinds all of it)."""
+    return per_task[0] if isinstance(per_task, torch.Tensor) else next(x for x in per_task if x is not None)
+
+
+def sorted_runs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted ids, order, run)``: the ids stably sorted, where each came from, and per sorted position the
+    number of its run of equal ids (1, 2, ...). Static shapes: no host read."""
+    sorted_ids, order = torch.sort(ids, stable=True)  # equal ids keep their input order
+    first_of_run = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_of_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return sorted_ids, order, torch.cumsum(first_of_run, 0)
 
 
 @dataclass
@@ -173,21 +188,22 @@ class RowBucket:
             def on_device(values: list[int]) -> torch.Tensor:
                 return torch.tensor(values, dtype=torch.int64).to(self.device)
 
+            def per_slot(per_table: list[int]) -> torch.Tensor:
+                return torch.repeat_interleave(torch.tensor(per_table, dtype=torch.int64), repeats).to(self.device)
+
+            slots = torch.arange(starts[-1]).to(self.device)
+            start_of_position = per_slot(starts[:-1])
             plan = self._plans[counts] = _GroupPlan(
                 layout=FlatLayout.from_sizes([k * self.width for k in counts], self.device),
                 starts=starts[:-1],
                 counts=list(counts),
-                start_of_position=torch.repeat_interleave(torch.tensor(starts[:-1]), repeats).to(self.device),
-                offset_of_position=torch.repeat_interleave(torch.tensor(self.id_offsets), repeats).to(self.device),
-                table_of_position=torch.repeat_interleave(torch.arange(len(counts)), repeats).to(self.device),
-                slots=torch.arange(starts[-1]).to(self.device),
-                rows_of_position=torch.repeat_interleave(torch.tensor([p.shape[0] for p in self.params]), repeats).to(
-                    self.device
-                ),
-                end_of_position=torch.repeat_interleave(torch.tensor(starts[1:]), repeats).to(self.device),
-                position_in_table=(
-                    torch.arange(starts[-1]) - torch.repeat_interleave(torch.tensor(starts[:-1]), repeats)
-                ).to(self.device),
+                start_of_position=start_of_position,
+                offset_of_position=per_slot(self.id_offsets),
+                table_of_position=per_slot(list(range(len(counts)))),
+                slots=slots,
+                rows_of_position=per_slot([p.shape[0] for p in self.params]),
+                end_of_position=per_slot(starts[1:]),
+                position_in_table=slots - start_of_position,
                 filled=on_device(filled),
                 last=on_device([starts[i] + counts[i] - 1 for i in filled]),
                 first=on_device([starts[i] for i in filled]),
@@ -260,10 +276,7 @@ class RowBucket:
         offset_ids = [
             part.ids.to(torch.int64) + offset for parts, offset in zip(self.parts, self.id_offsets) for part in parts
         ]
-        sorted_ids, order = torch.sort(torch.cat(offset_ids), stable=True)  # duplicates summed in input order
-        first_of_run = torch.ones(total, dtype=torch.bool, device=self.device)
-        first_of_run[1:] = sorted_ids[1:] != sorted_ids[:-1]
-        run = torch.cumsum(first_of_run, 0)
+        sorted_ids, order, run = sorted_runs(torch.cat(offset_ids))  # duplicates summed in input order
         # Table i's ids occupy positions starts[i] : starts[i] + counts[i], in input and in sorted order (its id
         # range is its own). Each slot is one bag of the sorted ids: it starts at its first id's sorted position;
         # a slot past the table's distinct ids starts at the table's end (an empty bag).
@@ -280,21 +293,21 @@ class RowBucket:
             sorted_positions = order_in_table[begin : begin + k]
             offsets = bag_starts[begin : begin + k]
             table_sums = []
-            in_sorted_order = {}  # the rows and weights of a table's tasks are mostly the same tensors: gathered once
+            in_sorted_order = {}  # per pattern of which parts a task has (mostly all): its rows and weights, once
             for t in range(self.num_tasks):
-                source, rows, weight = _rows_of_task(parts, t, acc)
-                if source is None:  # no part of this table is this task's
+                sources = [part.source[t] for part in parts]
+                present = tuple(source is not None for source in sources)
+                if not any(present):  # no part of this table is this task's
                     table_sums.append(torch.zeros(k, self.width, dtype=acc, device=self.device))
                     continue
-                key = (id(rows), id(weight))
-                if key not in in_sorted_order:  # (holding rows and weight keeps their ids from being reused)
-                    in_sorted_order[key] = (
-                        rows,
-                        weight,
+                if present not in in_sorted_order:
+                    rows, weight = _table_index(parts, present, acc)
+                    in_sorted_order[present] = (
                         sorted_positions if rows is None else rows[sorted_positions],
                         None if weight is None else weight[sorted_positions],
                     )
-                source_rows, weights = in_sorted_order[key][2:]
+                source_rows, weights = in_sorted_order[present]
+                source = _task_source(sources, acc)
                 table_sums.append(F.embedding_bag(source_rows, source, offsets, mode="sum", per_sample_weights=weights))
             sums.append(table_sums)
         torch.cat(
@@ -314,33 +327,40 @@ class RowBucket:
         return distinct_ids, grouped.view(self.num_tasks, -1).to(self.dtype), distinct
 
 
-def _rows_of_task(
-    parts: Sequence[TableRows], task: int, acc: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Task ``task``'s rows of one table's parts as one ``(source [m, d], rows, weight)`` in the accumulation dtype,
-    rows in the order of the parts' ids: the ids of another task's part point at one zero row after the sources.
-    No copy for a single part in that dtype; ``(None, None, None)`` when no part is the task's."""
-    sources = [part.source[task] for part in parts]
-    if all(source is None for source in sources):
-        return None, None, None
+def _task_source(sources: Sequence[torch.Tensor | None], acc: torch.dtype) -> torch.Tensor:
+    """One task's source rows of a table's parts as one ``[m, d]`` in the accumulation dtype: the parts it has, in
+    order, then one zero row if it lacks some (:func:`_table_index` points their ids there). No copy for a single
+    part in that dtype."""
+    own = [source.to(acc) for source in sources if source is not None]
+    if len(own) == len(sources) == 1:
+        return own[0]
+    if len(own) < len(sources):
+        own.append(own[0].new_zeros(1, own[0].shape[1]))
+    return torch.cat(own)
+
+
+def _table_index(
+    parts: Sequence[TableRows], present: tuple[bool, ...], acc: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(rows, weight)`` of a table's ids (in the order of its parts) into :func:`_task_source`'s rows, for a task
+    that has the parts marked in ``present``: None where they are the identity / all ones."""
     if len(parts) == 1:
         weight = parts[0].weight
-        return sources[0].to(acc), parts[0].rows, None if weight is None else weight.to(acc)
+        return parts[0].rows, None if weight is None else weight.to(acc)
     device = parts[0].ids.device
-    own = [source.to(acc) for source in sources if source is not None]
-    zero_row = sum(source.shape[0] for source in own)
-    source = torch.cat([*own, own[0].new_zeros(1, own[0].shape[1])]) if len(own) < len(parts) else torch.cat(own)
     rows = weight = None
-    if len(own) < len(parts) or any(part.rows is not None for part in parts):
+    if not all(present) or any(part.rows is not None for part in parts):
+        sizes = [first_present(part.source).shape[0] if has else 0 for part, has in zip(parts, present)]
+        zero_row = sum(sizes)
         rows, start = [], 0
-        for part, part_source in zip(parts, sources):
+        for part, has, size in zip(parts, present, sizes):
             k = part.ids.numel()
-            if part_source is None:
+            if not has:
                 rows.append(torch.full((k,), zero_row, dtype=torch.int64, device=device))
                 continue
             mine = part.rows if part.rows is not None else torch.arange(k, device=device)
             rows.append(mine + start)
-            start += part_source.shape[0]
+            start += size
         rows = torch.cat(rows)
     if any(part.weight is not None for part in parts):
         weight = torch.cat(
@@ -349,7 +369,7 @@ def _rows_of_task(
                 for part in parts
             ]
         )
-    return source, rows, weight
+    return rows, weight
 
 
 def norm_ema_from_rows(

@@ -165,9 +165,14 @@ def _skipped_model(sparse):
     return SkippedTable(sparse).double()
 
 
+def _table_kind(kind):
+    """(model builder, batch of a step [and rank]) of "skipped" (SkippedTable) or "bags" (BagTables)."""
+    return (_skipped_model, _skipped_batch) if kind == "skipped" else (_bag_model, _bag_batch)
+
+
 def _table_worker(rank, port, out_dir, kind, shared_output, sparse):
     """``kind``: "skipped" (SkippedTable) or "bags" (BagTables), this rank's shard of each step's batch."""
-    model, batch_of = (_skipped_model, _skipped_batch) if kind == "skipped" else (_bag_model, _bag_batch)
+    model, batch_of = _table_kind(kind)
     with _process_group(rank, port):
         model = model(sparse)
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
@@ -182,20 +187,28 @@ def _table_worker(rank, port, out_dir, kind, shared_output, sparse):
         torch.save({"params": model.state_dict(), "ema": ema}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, True)])
-def test_ranks_whose_graphs_differ_agree_and_equal_one_process(tmp_path, shared_output, sparse):
-    """Rank 1 never looks the side table up: the ranks agree on which tables are balanced by rows (no collective
-    mismatch) and end where one process does on the concatenated batch."""
-    args = (_free_port(), str(tmp_path), "skipped", shared_output, sparse)
+def _table_ranks_and_one_process(tmp_path, kind, shared_output, sparse):
+    """Each rank's saved results from :func:`_table_worker`, and one process's model and moving averages after the
+    same steps on the concatenated batches (dense tables, plain step)."""
+    args = (_free_port(), str(tmp_path), kind, shared_output, sparse)
     mp.start_processes(_table_worker, args=args, nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    model = _skipped_model(False)
+    model, batch_of = _table_kind(kind)
+    model = model(False)
     mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        mb.step(model(*_skipped_batch(step))[0])
+        mb.step(model(*batch_of(step))[0])
         optimizer.step()
+    return ranks, model, [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
+
+
+@pytest.mark.parametrize(("shared_output", "sparse"), [(False, False), (True, True)])
+def test_ranks_whose_graphs_differ_agree_and_equal_one_process(tmp_path, shared_output, sparse):
+    """Rank 1 never looks the side table up: the ranks agree on which tables are balanced by rows (no collective
+    mismatch) and end where one process does on the concatenated batch."""
+    ranks, model, _ = _table_ranks_and_one_process(tmp_path, "skipped", shared_output, sparse)
     for rank in ranks:
         for name, value in model.state_dict().items():
             torch.testing.assert_close(rank["params"][name], value, rtol=1e-10, atol=1e-12, msg=name)
@@ -241,17 +254,7 @@ def _bag_model(sparse):
 def test_embedding_bags_under_ddp_equal_one_process(tmp_path, shared_output, sparse):
     """Embedding-bag tables balanced by rows under DDP: each rank's bag rows (its bags' gradients per id, weighted)
     gathered from every rank; every rank ends where one process does on the concatenated batch."""
-    args = (_free_port(), str(tmp_path), "bags", shared_output, sparse)
-    mp.start_processes(_table_worker, args=args, nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    model = _bag_model(False)
-    mb = MetaBalance(model.shared_parameters(), relax_factor=0.7)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        mb.step(model(*_bag_batch(step))[0])
-        optimizer.step()
-    ema = [mb.state[p]["norm_ema"] for p in model.shared_parameters()]
+    ranks, model, ema = _table_ranks_and_one_process(tmp_path, "bags", shared_output, sparse)
     for rank in ranks:
         for name, value in model.state_dict().items():
             torch.testing.assert_close(rank["params"][name], value, rtol=1e-10, atol=1e-12, msg=name)
