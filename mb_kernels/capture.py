@@ -191,7 +191,7 @@ def lookup_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table
         present = first_present(grads)
         weight = _inverse_frequency(ids, state_dtype(present.dtype))
     if node._saved_padding_idx >= 0:
-        ids = torch.where(ids == node._saved_padding_idx, table.shape[0], ids)
+        ids = ids.masked_fill(ids == node._saved_padding_idx, table.shape[0])
     return TableRows(ids, _per_task_rows(grads, table.shape[1]), None, weight)
 
 
@@ -353,9 +353,7 @@ def autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 class GradientSum:
     """The plain sum of a non-balanced leaf's gradients over the passes, handed to ``.grad`` as autograd's
-    AccumulateGrad would: a tensor of the parameter's own (owned, dense) layout. A gradient ``autograd.grad``
-    returns may be shared with another leaf, expanded (stride 0) or a view into a larger buffer, so one that was
-    never added to is copied."""
+    AccumulateGrad would: a tensor of the parameter's own (owned, dense) layout (:func:`set_summed_grads`)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -369,12 +367,41 @@ class GradientSum:
         else:
             self.total, self.owned = self.total + g, True  # the order autograd accumulates in
 
-    def result(self, p: torch.Tensor) -> torch.Tensor | None:
-        if self.total is None:
-            return None
-        if self.owned:
-            return autograd_layout(p, self.total)
-        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(self.total)
+
+def _fresh_strides(p: torch.Tensor) -> tuple[int, ...]:
+    """The strides autograd gives a fresh gradient of ``p`` (:func:`autograd_layout`), without allocating."""
+    if p.is_contiguous():
+        strides, step = [], 1
+        for size in reversed(p.shape):
+            strides.append(step)
+            step *= max(size, 1)
+        return tuple(reversed(strides))
+    return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()
+
+
+def set_summed_grads(params: Sequence[torch.Tensor], sums: Sequence[GradientSum]) -> None:
+    """Set each parameter's ``.grad`` to its sum (None: no gradient). A gradient ``autograd.grad`` returned and
+    nothing was added to may be shared with another leaf, expanded (stride 0), a view into a larger buffer or held
+    by a custom Function, so it is copied; those copies go, per device and dtype, into one buffer of the step's own
+    with one ``_foreach_copy_`` (two operations instead of two per tower parameter: the ``.grad`` are views of
+    that buffer, as with DDP's ``gradient_as_bucket_view``)."""
+    to_copy: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for p, total in zip(params, sums):
+        if total.total is None:
+            p.grad = None
+        elif total.owned:
+            p.grad = autograd_layout(p, total.total)
+        else:
+            to_copy.setdefault((p.device, p.dtype), []).append((p, total.total))
+    for (device, dtype), pairs in to_copy.items():
+        buffer = torch.empty(sum(p.numel() for p, _ in pairs), dtype=dtype, device=device)
+        views, start = [], 0
+        for p, _ in pairs:
+            views.append(buffer[start : start + p.numel()].as_strided(p.shape, _fresh_strides(p), start))
+            start += p.numel()
+        torch._foreach_copy_(views, [g for _, g in pairs])
+        for (p, _), view in zip(pairs, views):
+            p.grad = view
 
 
 class Capture:
@@ -518,8 +545,7 @@ def capture_task_grads(
             for (bucket, i, node), per_task in zip(cut, cut_grads):
                 if any(g is not None for g in per_task):
                     bucket.add_part(i, lookup_rows(node, per_task, bucket.params[i]))
-        for p, total in zip(capture.others, sums):
-            p.grad = total.result(p)
+        set_summed_grads(capture.others, sums)
     except BaseException:
         capture.abort()
         raise

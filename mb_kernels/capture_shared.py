@@ -24,6 +24,7 @@ from .capture import (
     leaf_edges,
     lookup_only_tables,
     lookup_rows,
+    set_summed_grads,
     sparse_gradient_params,
     task_passes,
     walk_graph,
@@ -253,8 +254,7 @@ def capture_task_grads_through(
                 for i, p in enumerate(bucket.params):
                     for part in lookups_of(p):
                         bucket.add_part(i, part)
-            for p, total in zip(towers, tower_sums):
-                p.grad = total.result(p)
+            set_summed_grads(towers, tower_sums)
             for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):
                 if g is not None:
                     p.grad = autograd_layout(p, g.sum(0))  # a fresh sum over the task dimension

@@ -273,12 +273,11 @@ class RowBucket:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             distinct = torch.zeros(num_tables, dtype=torch.int64, device=self.device)
             return empty, grouped.view(self.num_tasks, 0).to(self.dtype), distinct
-        offset_ids = [
-            part.ids.to(torch.int64) + offset for parts, offset in zip(self.parts, self.id_offsets) for part in parts
-        ]
-        sorted_ids, order, run = sorted_runs(torch.cat(offset_ids))  # duplicates summed in input order
-        # Table i's ids occupy positions starts[i] : starts[i] + counts[i], in input and in sorted order (its id
-        # range is its own). Each slot is one bag of the sorted ids: it starts at its first id's sorted position;
+        # Table i's ids occupy positions starts[i] : starts[i] + counts[i] in input order as in sorted order (its id
+        # range is its own), so the per-slot table offsets apply to the input positions too. cat promotes int32 ids.
+        all_ids = torch.cat([part.ids for parts in self.parts for part in parts]) + plan.offset_of_position
+        sorted_ids, order, run = sorted_runs(all_ids)  # duplicates summed in input order
+        # Each slot is one bag of the sorted ids: it starts at its first id's sorted position;
         # a slot past the table's distinct ids starts at the table's end (an empty bag).
         slot_sorted = run - run[plan.start_of_position] + plan.start_of_position
         bag_starts = plan.end_of_position.clone().scatter_reduce_(0, slot_sorted, plan.slots, "amin")

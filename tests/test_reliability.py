@@ -265,7 +265,7 @@ def test_leaf_scalar_loss_is_named_as_such():
 
 class _OddTowers(nn.Module):
     """Towers whose gradients autograd.grad hands out shared (a + b), expanded (v.sum()) or as views into one
-    buffer (cat of two parameters)."""
+    buffer (cat of two parameters), and a transposed tower parameter (q) only the first task uses."""
 
     def __init__(self, num_tasks: int):
         super().__init__()
@@ -274,6 +274,7 @@ class _OddTowers(nn.Module):
         self.a, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
         self.v = nn.Parameter(torch.randn(3))
         self.p1, self.p2 = nn.Parameter(torch.randn(2, 1)), nn.Parameter(torch.randn(2, 4))
+        self.q = nn.Parameter(torch.randn(4, 3).t())  # strides (1, 3): its gradient takes them too
         self.num_tasks = num_tasks
 
     def shared_parameters(self):
@@ -285,6 +286,8 @@ class _OddTowers(nn.Module):
         out = []
         for t in range(self.num_tasks):
             z = (h * (self.a + self.b)).sum(-1) * (t + 1) + self.v.sum()
+            if t == 0:
+                z = z + (h @ self.q.t()).sum(-1) * 0.5
             out.append((z.mean() + weight.sum() * 0.1 * (t + 1)) ** 2)
         return out, h
 
@@ -304,6 +307,7 @@ def test_tower_gradients_are_owned_and_laid_out_like_autograds(num_tasks, shared
         mb.step(losses, shared_output=h if shared_output else None)
         sum(twin.losses(ids)[0]).backward()
         towers = [(model.a, twin.a), (model.b, twin.b), (model.v, twin.v), (model.p1, twin.p1), (model.p2, twin.p2)]
+        towers.append((model.q, twin.q))
         for p, q in towers:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
             assert p.grad.stride() == p.stride()
