@@ -8,6 +8,7 @@ For the tables suite's two models (``bench.recsys.table_model``: the paper netwo
 recommender ``bags``), dense and sparse tables, counts the operations dispatched while ``sum(losses).backward()``
 (vanilla), ``MetaBalance.step(losses)`` (plain) and ``step(losses, shared_output=h)`` (shared_output) run, on the
 third step (buckets and plans built). Views and metadata-only operations are not counted: they launch nothing.
+``shared_output`` is counted the way CUDA runs it (the bottom's batched backward), on any device.
 Prints one line per (model, tables) with the three counts.
 """
 
@@ -24,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.recsys import table_batches, table_model
-from mb_kernels import MetaBalance
+from mb_kernels import MetaBalance, capture_shared
 
 # Operations that only make views or read metadata (no kernel).
 _NO_KERNEL = (
@@ -65,6 +66,7 @@ def count(kind: str, sparse: bool, variant: str, device: str, batch: int, rows: 
     batches = table_batches(kind, batch, device, rows)
     balancer = MetaBalance(model.shared_parameters())
     counter = _CountOps()
+    capture_shared.BOTTOM_BACKWARD = {}  # every device as CUDA: the batched bottom
     for step, data in enumerate(batches[:3]):
         model.zero_grad(set_to_none=True)
         losses, h = model.losses_and_shared(data) if variant == "shared_output" else (model.losses(data), None)

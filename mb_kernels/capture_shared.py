@@ -1,7 +1,8 @@
 """Capture through a shared representation: ``MetaBalance.step(losses, shared_output=h)``.
 
 Each loss is backpropagated through its own tower only, down to ``h``; one batched backward (``is_grads_batched``,
-vmap over the task dimension) then carries the T cotangents at ``h`` through the shared bottom. Embedding lookups of
+vmap over the task dimension; CUDA) or one backward per task (CPU: :data:`BOTTOM_BACKWARD`) then carries the T
+cotangents at ``h`` through the shared bottom. Embedding lookups of
 balanced tables (``nn.Embedding``, sum/mean ``nn.EmbeddingBag``) are cut at their outputs (``GradientEdge``), so no
 dense ``[V, d]`` embedding backward runs per task;
 the rows go to :class:`~mb_kernels.tables.RowBucket` (balanced by rows, dense or sparse result). The ``.grad``
@@ -20,7 +21,6 @@ from .capture import (
     Bucket,
     Capture,
     GradientSum,
-    autograd_layout,
     leaf_edges,
     lookup_only_tables,
     lookup_rows,
@@ -178,6 +178,43 @@ def _tower_gradients(
     return per_task_h, tower_sums
 
 
+# How the bottom is backpropagated from the T gradients at ``shared``, per device type: "batched" (one vmapped
+# backward, ``is_grads_batched``) or "per_task" (T backward passes through the bottom, the last freeing the graph).
+# On CPU the T passes cost the same as the batched backward at batch 256-1024 and make the whole step 5-8% faster at
+# batch 4096 (bench/RESULTS.md, sixth round: the batching rules copy transposed and broadcast operands), and need no
+# vmap rule; on CUDA one batched backward launches once for the T tasks.
+BOTTOM_BACKWARD = {"cpu": "per_task"}
+
+
+def _bottom_gradients(
+    shared: Sequence[torch.Tensor], per_task_h: list[list[torch.Tensor | None]], inputs: list
+) -> list[torch.Tensor | list[torch.Tensor] | None]:
+    """Each task's gradient at each of ``inputs`` (leaves and lookup edges below ``shared``) from its gradients at
+    ``shared`` (:data:`BOTTOM_BACKWARD`): a ``[T, ...]`` tensor per input from one batched backward, or a list of T
+    tensors from one backward per task; None: not reached. The last (or only) backward frees the graph."""
+    num_tasks = len(per_task_h)
+    per_task = [[g if g is not None else torch.zeros_like(h) for g, h in zip(row, shared)] for row in per_task_h]
+    if BOTTOM_BACKWARD.get(shared[0].device.type, "batched") == "per_task":
+        results = [
+            torch.autograd.grad(
+                list(shared), inputs, grad_outputs=cotangents, retain_graph=task < num_tasks - 1, allow_unused=True
+            )
+            for task, cotangents in enumerate(per_task)
+        ]
+        return [None if grads[0] is None else list(grads) for grads in zip(*results)]
+    cotangents = [torch.stack(column) for column in zip(*per_task)]
+    try:
+        return list(
+            torch.autograd.grad(list(shared), inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
+        )
+    except RuntimeError as err:
+        raise RuntimeError(
+            "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (e.g. "
+            "a custom autograd.Function whose backward branches on a value, or an operation without a vmap rule); "
+            f"compute the losses again and call step(losses) without shared_output for this model. Cause: {err}"
+        ) from err
+
+
 def capture_task_grads_through(
     losses: Sequence[torch.Tensor], buckets: Sequence[Bucket], plan: SharedPlan, tables: Sequence[RowBucket] = ()
 ) -> Capture:
@@ -210,26 +247,12 @@ def capture_task_grads_through(
         p.grad = None
     try:
         per_task_h, tower_sums = _tower_gradients(losses, shared, towers, plan.tower_consumers)
-        cotangents = [
-            torch.stack([g if g is not None else torch.zeros_like(h) for g in (row[i] for row in per_task_h)])
-            for i, h in enumerate(shared)
-        ]
         # Every looked-up table is a row-bucket table (MetaBalance builds them so): the buckets hold no lookup. A
         # balanced parameter the bottom does not reach (frozen since, say) is no input: it keeps its .grad.
         dense = [p for p in balanced if id(p) in plan.below_ids]
         lookup_nodes = [node for p in capture.tables for node in lookups.get(id(p), [])]
         edges = [GradientEdge(node, 0) for node in lookup_nodes]
-        bottom_inputs = [*dense, *bottom_others, *edges]
-        try:
-            results = torch.autograd.grad(
-                list(shared), bottom_inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
-            )
-        except RuntimeError as err:
-            raise RuntimeError(
-                "MetaBalance.step(shared_output=...): the batched backward through the shared bottom failed (e.g. "
-                "an operation without a vmap rule, such as a custom autograd.Function); compute the losses again and "
-                f"call step(losses) without shared_output for this model. Cause: {err}"
-            ) from err
+        results = _bottom_gradients(shared, per_task_h, [*dense, *bottom_others, *edges])
         dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
         num_tasks = len(losses)
@@ -247,17 +270,21 @@ def capture_task_grads_through(
                     g = dense_grads.get(id(p))
                     if g is None:
                         block.zero_()
-                    else:
+                    elif isinstance(g, torch.Tensor):
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
+                    else:
+                        torch._foreach_copy_(list(block), [task_grad.reshape(size) for task_grad in g])
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
                     for part in lookups_of(p):
                         bucket.add_part(i, part)
             set_summed_grads(towers, tower_sums)
-            for p, g in zip(bottom_others, results[len(dense) : len(dense) + len(bottom_others)]):
-                if g is not None:
-                    p.grad = autograd_layout(p, g.sum(0))  # a fresh sum over the task dimension
+            bottom_sums = [GradientSum() for _ in bottom_others]
+            for total, g in zip(bottom_sums, results[len(dense) : len(dense) + len(bottom_others)]):
+                for task_grad in [] if g is None else g:  # a [T, ...] tensor or T tensors: summed over the tasks
+                    total.add(task_grad)
+            set_summed_grads(bottom_others, bottom_sums)
     except BaseException:
         capture.abort()
         raise

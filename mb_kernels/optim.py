@@ -318,11 +318,12 @@ class MetaBalance(torch.optim.Optimizer):
             losses: scalar losses ``[target, aux_1, ..., aux_K]``, target first; the same count every step.
             shared_output: the shared bottom's output(s) — tensors through which every path from every loss to
                 every balanced parameter passes (e.g. the representation the towers take). Then each loss is
-                backpropagated through its own tower only, and one batched backward carries the T gradients at
-                ``shared_output`` through the shared bottom: the same result as without it, with one walk of the
-                bottom instead of T. The shared bottom must support ``torch.vmap`` of its backward (custom
-                autograd Functions may not). Checked before any backward: a loss that reaches a balanced
-                parameter around it is an error.
+                backpropagated through its own tower only, and the T gradients at ``shared_output`` are carried
+                through the shared bottom by one batched backward (``torch.vmap``; CUDA) or one backward per task
+                (CPU, where that is as fast or faster): the same result as without it, with the towers walked once.
+                On CUDA the bottom's backward must be batchable (a custom autograd Function whose backward branches
+                on a value is not). Checked before any backward: a loss that reaches a balanced parameter around it
+                is an error.
             update_averages: False keeps every moving average as it is and weights this step's gradients with
                 the current ones: for gradient accumulation, where several ``step`` calls feed one optimizer
                 step, pass True on one micro-batch per optimizer step (or on every one, to average over

@@ -48,3 +48,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _uses_cuda(item):
             item.add_marker(gpu)
+
+
+@pytest.fixture(params=["per_task", "batched"])
+def bottom_backward(request, monkeypatch):
+    """Both ways ``step(losses, shared_output=h)`` backpropagates the shared bottom
+    (``mb_kernels.capture_shared.BOTTOM_BACKWARD``), on every device: by default CPU takes one pass per task and
+    CUDA one batched backward, so each way is also tested on the other device."""
+    from mb_kernels import capture_shared
+
+    monkeypatch.setattr(capture_shared, "BOTTOM_BACKWARD", {"cpu": request.param, "cuda": request.param})
+    return request.param

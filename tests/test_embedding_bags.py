@@ -18,6 +18,9 @@ from mb_kernels import MetaBalance
 from mb_kernels.capture import _bag_rows, leaf_edges, lookup_only_tables
 from tests.models import assert_same_step
 
+# Every test here runs with both ways of backpropagating the shared bottom (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("bottom_backward")
+
 T = 3
 B = 12
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

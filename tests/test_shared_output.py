@@ -15,6 +15,9 @@ from torch.nn import functional as F
 from mb_kernels import MetaBalance
 from tests.models import assert_same_step
 
+# Every test here runs with both ways of backpropagating the shared bottom (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("bottom_backward")
+
 T = 3
 
 
@@ -517,3 +520,52 @@ def test_a_large_table_kept_dense_by_another_use_is_reported_once(regularised):
     assert len(reports) == 1, "once per layout"
     assert "(4096, 256)" in str(reports[0].message) and "PowBackward0" in str(reports[0].message)
     assert not mb._tables  # the workspace, as reported
+
+
+class _Cube(torch.autograd.Function):
+    """x**3 with a hand-written backward that branches on a value (which vmap cannot batch)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if not bool(grad.isfinite().all()):
+            return torch.zeros_like(grad)
+        return grad * 3 * x**2
+
+
+class _CustomFunctionBottom(SharedBottom):
+    def losses(self, items, labels):
+        h = _Cube.apply(self.bottom(self.embedding(items)))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(self.towers)]
+        return out, h
+
+
+def test_a_backward_that_branches_on_values_runs_only_per_task(bottom_backward):
+    """One backward per task runs any backward: the same step as without shared_output. The batched backward
+    cannot branch on a value: a clear error, every .grad and average as before."""
+    torch.manual_seed(5)
+    model = _CustomFunctionBottom().double()
+    twin = copy.deepcopy(model)
+    mb = MetaBalance(model.shared_parameters(), strategy="C", relax_factor=0.7, beta=0.9, fused=None)
+    mb_twin = MetaBalance(twin.shared_parameters(), strategy="C", relax_factor=0.7, beta=0.9, fused=None)
+    for step in range(2):
+        items, labels = _batch(step)
+        mb_twin.step(twin.losses(items, labels)[0])
+        losses, h = model.losses(items, labels)
+        if bottom_backward == "per_task" or step == 0:
+            mb.step(losses, shared_output=h) if bottom_backward == "per_task" else mb.step(losses)
+            assert_same_step(twin, mb_twin, model, mb)
+            continue
+        before = _grads(model)
+        averages = {id(p): mb.state[p]["norm_ema"].clone() for p in model.shared_parameters()}
+        with pytest.raises(RuntimeError, match="batched backward through the shared bottom failed"):
+            mb.step(losses, shared_output=h)
+        for got, want in zip(_grads(model), before):
+            assert torch.equal(got, want)
+        for p in model.shared_parameters():
+            assert torch.equal(mb.state[p]["norm_ema"], averages[id(p)])

@@ -12,6 +12,9 @@ from torch.nn import functional as F
 from mb_kernels import MetaBalance
 from tests.models import assert_same_step
 
+# Every test here runs with both ways of backpropagating the shared bottom (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("bottom_backward")
+
 T = 3
 
 
