@@ -149,6 +149,7 @@ DEVICE_BACKENDS = [
 ]
 
 
+@pytest.mark.usefixtures("bottom_backward")  # CUDA's batched bottom and CPU's per-task one, on every device
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
 @pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender, _Bags])
