@@ -371,11 +371,7 @@ class GradientSum:
 def _fresh_strides(p: torch.Tensor) -> tuple[int, ...]:
     """The strides autograd gives a fresh gradient of ``p`` (:func:`autograd_layout`), without allocating."""
     if p.is_contiguous():
-        strides, step = [], 1
-        for size in reversed(p.shape):
-            strides.append(step)
-            step *= max(size, 1)
-        return tuple(reversed(strides))
+        return p.stride()  # dense and non-overlapping: a fresh gradient takes the parameter's strides
     return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()
 
 
