@@ -357,6 +357,27 @@ def tables_table(benchmarks: list[dict]) -> Table:
     return table
 
 
+def bottom_table(benchmarks: list[dict]) -> Table:
+    """The shared bottom's two ways (bench/test_bench_tables.py ``test_shared_bottom_ways_interleaved``): a
+    ``shared_output`` step with the bottom batched or per task, against Vanilla-Multi with the same tables."""
+    runs = [b for b in benchmarks if b.get("kind") == "bottom-interleaved" and b.get("interleaved")]
+    header = ["tables", "device", "rows", "batch", "vanilla ms", "batched ms", "per_task ms"]
+    header += ["batched / vanilla", "per_task / vanilla", "per_task / batched"]
+    table = Table("shared_output's bottom: batched vs per task, interleaved rounds (median ms per step)", header)
+    for b in runs:
+        ms = {v: b["interleaved"].get(v, {}).get("min" if STAT == "min" else "median") for v in b["interleaved"]}
+
+        def ratio(num: str, den: str, ms: dict = ms) -> str:
+            return _x(ms[num] / ms[den]) if ms.get(num) and ms.get(den) else "-"
+
+        table.add(
+            [b["tables"], b["device"], f"{b['rows']:,}", b["batch"]]
+            + [_ms(ms.get(v)) for v in ("vanilla", "batched", "per_task")]
+            + [ratio("batched", "vanilla"), ratio("per_task", "vanilla"), ratio("per_task", "batched")]
+        )
+    return table
+
+
 def summarize(paths: list[Path], launches: Path | None = None, markdown: bool = False) -> str:
     benchmarks, machines = load(paths)
     out = []
@@ -374,6 +395,7 @@ def summarize(paths: list[Path], launches: Path | None = None, markdown: bool = 
     e2e_list, e2e = e2e_tables(benchmarks)
     out += [t.render(markdown) for t in e2e_list]
     out.append(tables_table(benchmarks).render(markdown))
+    out.append(bottom_table(benchmarks).render(markdown))
     launch_table, launch_checks = launches_table(launches)
     out.append(launch_table.render(markdown))
     if any(m.get("mb_kernels", {}).get("quick") for m in machines):

@@ -13,6 +13,9 @@ variant in alternation (one step each per round, first mover rotating):
 - ``mb+shared_output``: ``step(losses, shared_output=h)``, dense gradients, Adam;
 - ``mb-sparse``: ``step(losses)`` with ``sparse=True`` embeddings (sparse tables), SparseAdam + Adam;
 - ``mb-sparse+shared_output``: the same with ``shared_output=h``.
+
+``test_shared_bottom_ways_interleaved`` times ``shared_output`` with the bottom batched and per task (the measurement
+behind each device's default way).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from bench import common
 from bench.recsys import NUM_TASKS, table_batches, table_model
-from mb_kernels import MetaBalance
+from mb_kernels import MetaBalance, capture_shared
 
 VARIANTS = (
     "vanilla",
@@ -43,7 +46,10 @@ def table_rows(device: str) -> int:
     return 500 if common.QUICK else (1_000_000 if device == "cuda" else 200_000)
 
 
-def _step(variant: str, model: nn.Module, batches):
+def _step(variant: str, model: nn.Module, batches, bottom: str | None = None):
+    """One training step of ``variant`` (module docstring) over ``batches`` in turn. ``bottom``: how
+    ``shared_output`` backpropagates the bottom (``mb_kernels.capture_shared.BOTTOM_BACKWARD``), None: the device's
+    default."""
     sparse = "sparse" in variant
     tables = model.tables()
     if sparse:
@@ -67,7 +73,13 @@ def _step(variant: str, model: nn.Module, batches):
             sum(model.losses(batch)).backward()
         elif variant.endswith("+shared_output"):
             losses, h = model.losses_and_shared(batch)
-            balancer.step(losses, shared_output=h)
+            default = capture_shared.BOTTOM_BACKWARD
+            if bottom is not None:
+                capture_shared.BOTTOM_BACKWARD = {h.device.type: bottom}
+            try:
+                balancer.step(losses, shared_output=h)
+            finally:
+                capture_shared.BOTTOM_BACKWARD = default
         else:
             balancer.step(model.losses(batch))
         for opt in optimizers:
@@ -92,3 +104,30 @@ def test_large_tables_interleaved(benchmark, device, batch_size, model_kind):
     info.update(kind="tables-interleaved", model=model_kind, device=device, batch=batch_size, rows=rows)
     info["tasks"] = NUM_TASKS
     info["interleaved"] = common.run_interleaved(benchmark, steps, device, min_rounds=5, max_rounds=30)
+
+
+@pytest.mark.parametrize("tables", ["dense", "sparse"])
+@pytest.mark.parametrize(
+    ("device", "batch_size"),
+    [pytest.param(d, b, id=f"{d}-b{b}") for d in common.devices() for b in ([32] if common.QUICK else [256, 4096])],
+)
+def test_shared_bottom_ways_interleaved(benchmark, device, batch_size, tables):
+    """``step(losses, shared_output=h)`` with the bottom backpropagated by one batched (vmapped) backward and by one
+    backward per task, against the Vanilla-Multi step with the same tables: the measurement behind each device's
+    default (``mb_kernels.capture_shared.BOTTOM_BACKWARD``). The paper network with dense 15K-row tables (Adam) or
+    sparse tables of the suite's size (SparseAdam + Adam)."""
+    sparse = tables == "sparse"
+    rows = table_rows(device) if sparse else (500 if common.QUICK else 15_000)
+    batches = table_batches("ncf", batch_size, device, rows)
+    model = table_model("ncf", device, rows, sparse)
+    shared = "mb-sparse+shared_output" if sparse else "mb+shared_output"
+    steps = {
+        "vanilla": _step("vanilla-sparse" if sparse else "vanilla", copy.deepcopy(model), batches),
+        "batched": _step(shared, copy.deepcopy(model), batches, bottom="batched"),
+        "per_task": _step(shared, copy.deepcopy(model), batches, bottom="per_task"),
+    }
+    del model
+    benchmark.group = f"shared bottom {tables} {device} batch={batch_size}"
+    info = benchmark.extra_info
+    info.update(kind="bottom-interleaved", tables=tables, device=device, batch=batch_size, rows=rows)
+    info["interleaved"] = common.run_interleaved(benchmark, steps, device, min_rounds=5, max_rounds=40)

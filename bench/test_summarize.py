@@ -86,3 +86,17 @@ def test_summary_of_a_gpu_run(tmp_path):
     assert "(interleaved): fused ≤ 1.3× Vanilla-Multi" in text and "(separate)" in text
     markdown = summarize.summarize([path], launches, markdown=True)
     assert "| shape | T | N |" in markdown
+
+
+def test_summary_of_the_shared_bottom_ways(tmp_path):
+    run = {
+        "vanilla": {"min": 0.009, "median": 0.010},
+        "batched": {"min": 0.011, "median": 0.012},
+        "per_task": {"min": 0.012, "median": 0.0135},
+    }
+    bench = _row(1.0, kind="bottom-interleaved", tables="sparse", device="cpu", batch=256, rows=500, interleaved=run)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"datetime": "now", "machine_info": {}, "benchmarks": [bench]}))
+    text = summarize.summarize([path], markdown=True)
+    assert "batched vs per task" in text
+    assert "| sparse | cpu | 500 | 256 | 10 | 12 | 13.5 | 1.2 | 1.35 | 1.12 |" in text
