@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mb_kernels import MetaBalance
+from mb_kernels.backends.contract import Hyperparameters
 from mb_kernels.dispatch import BACKENDS, available_backends
+from mb_kernels.layout import FlatLayout
 from tests.cases import random_task_grads, run_steps
 from tests.models import TinyMultiTask, batch
 
@@ -225,3 +227,22 @@ def test_thousand_cuda_steps_do_not_grow_device_memory(backend):
     torch.cuda.synchronize()
     growth = torch.cuda.memory_allocated() - baseline
     assert growth <= 64 * 1024, f"CUDA memory grew by {growth} bytes over 900 steps"
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"), [("cpu", b) for b in CPU_BACKENDS] + [("cuda", b) for b in CUDA_BACKENDS]
+)
+def test_a_layout_that_does_not_match_the_workspace_is_refused(device, backend):
+    """A backend called directly with a layout wider or narrower than ``task_grads``: an error, nothing written
+    (the CUDA op's chunk table comes from the layout alone, so without a check it would read and write past the
+    tensors)."""
+    balance = BACKENDS[backend].loader()
+    task_grads = torch.randn(3, 100, device=device)
+    for sizes in ([120], [60, 20]):
+        layout = FlatLayout.from_sizes(sizes, device)
+        norm_ema = torch.ones(len(sizes), 3, device=device)
+        out = torch.full((100,), 7.0, device=device)
+        with pytest.raises((ValueError, RuntimeError)):
+            balance(task_grads, norm_ema, out, layout, Hyperparameters(0.5, 0.9, "A"))
+        assert torch.equal(out, torch.full_like(out, 7.0))
+        assert torch.equal(norm_ema, torch.ones_like(norm_ema))

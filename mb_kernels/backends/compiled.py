@@ -70,6 +70,13 @@ def balance_cuda(
     task_grads: torch.Tensor, norm_ema: torch.Tensor, out: torch.Tensor, layout: FlatLayout, hyper: Hyperparameters
 ) -> None:
     """Fused CUDA backend: two launches per call; per-chunk partials and fixed-order reductions (no atomics)."""
+    # The chunk table is built from the layout alone: a layout wider than task_grads would read and write past
+    # the tensors (the CPU op checks the offsets themselves; here the check is on host integers, no sync).
+    if task_grads.dim() != 2 or layout.numel != task_grads.shape[1]:
+        raise ValueError(
+            f"cuda backend: task_grads of shape {tuple(task_grads.shape)} does not match the layout, which covers "
+            f"{layout.numel} columns"
+        )
     chunks = cuda_chunk_table(layout, task_grads.device)
     torch.ops.mb_kernels.metabalance_(
         task_grads, layout.offsets, chunks, norm_ema, out, hyper.relax_factor, hyper.beta, hyper.strategy_code
