@@ -35,8 +35,19 @@ import torch.nn.functional as F
 from .backends.contract import BalanceFn, Hyperparameters, state_dtype
 from .layout import FlatLayout
 
-# Per bucket, the layouts of recent id counts (one per batch shape in practice): bounded, as counts may vary.
-_PLAN_CACHE_SIZE = 8
+# Per bucket, the layouts of recent (padded) id counts: bounded, as counts may vary.
+_PLAN_CACHE_SIZE = 16
+
+
+def padded_count(k: int) -> int:
+    """``k`` ids rounded up to one of 8 steps per power of two (at most 12.5% more; exact up to 16 and for the
+    usual batch multiples of powers of two): id counts that vary from batch to batch (variable-length bags) then
+    share a few plans, instead of building one per step (a plan build copies host values to the device: a
+    synchronisation on GPU). The padding ids are "no row" ids, whose values are ignored."""
+    if k <= 16:
+        return k
+    step = 1 << (k.bit_length() - 4)
+    return -(-k // step) * step
 
 
 class TableRows(NamedTuple):
@@ -214,8 +225,9 @@ class RowBucket:
     def balance(self, balance_fn: BalanceFn, hyper: Hyperparameters) -> list[torch.Tensor | None]:
         """Update the moving averages (always, as for a dense tensor: a task that did not reach a table has norm
         0) and return each table's balanced gradient, None for a table no task reached."""
-        plan = self._plan(tuple(sum(part.ids.numel() for part in parts) for parts in self.parts))
-        ids, block, distinct = self._group_rows(plan)
+        counts = [sum(part.ids.numel() for part in parts) for parts in self.parts]
+        plan = self._plan(tuple(padded_count(k) for k in counts))
+        ids, block, distinct = self._group_rows(plan, counts)
         combined = torch.empty(block.shape[1], dtype=self.dtype, device=self.device)
         balance_fn(block, self.norm_ema, combined, plan.layout, hyper)
         # The sizes of the sparse results: one host read (a synchronisation on GPU), none without sparse tables.
@@ -250,8 +262,9 @@ class RowBucket:
             results.append(dense)
         return results
 
-    def _group_rows(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sum each task's rows per distinct id: ``(ids [K], block [T, K·d], distinct [P])``.
+    def _group_rows(self, plan: _GroupPlan, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum each task's rows per distinct id: ``(ids [K], block [T, K·d], distinct [P])``; table i has
+        ``counts[i]`` ids, padded to ``plan.counts[i]`` with "no row" ids (:func:`padded_count`).
 
         Table i owns slots ``starts[i] : starts[i] + counts[i]``; its slot ``starts[i] + j`` for j < ``distinct[i]``
         holds its j-th smallest distinct id and, in row t of ``block``, task t's summed gradient of that row; its
@@ -275,7 +288,12 @@ class RowBucket:
             return empty, grouped.view(self.num_tasks, 0).to(self.dtype), distinct
         # Table i's ids occupy positions starts[i] : starts[i] + counts[i] in input order as in sorted order (its id
         # range is its own), so the per-slot table offsets apply to the input positions too. cat promotes int32 ids.
-        all_ids = torch.cat([part.ids for parts in self.parts for part in parts]) + plan.offset_of_position
+        pieces = []
+        for i, (parts, k) in enumerate(zip(self.parts, counts)):
+            pieces += [part.ids for part in parts]
+            if plan.counts[i] > k:
+                pieces.append(torch.full((plan.counts[i] - k,), self.params[i].shape[0], device=self.device))
+        all_ids = torch.cat(pieces) + plan.offset_of_position
         sorted_ids, order, run = sorted_runs(all_ids)  # duplicates summed in input order
         # Each slot is one bag of the sorted ids: it starts at its first id's sorted position;
         # a slot past the table's distinct ids starts at the table's end (an empty bag).
@@ -290,6 +308,8 @@ class RowBucket:
             if k == 0:
                 continue
             sorted_positions = order_in_table[begin : begin + k]
+            if k > counts[i]:  # padding ids read a real row: they sort into the "no row" slot, which is zeroed
+                sorted_positions = sorted_positions.clamp(max=counts[i] - 1)
             offsets = bag_starts[begin : begin + k]
             table_sums = []
             in_sorted_order = {}  # per pattern of which parts a task has (mostly all): its rows and weights, once

@@ -124,6 +124,35 @@ class _Bags(Bags):
         return super().losses(_bag_batch(int(items[0]), items.device.type))
 
 
+class _VariableBags(torch.nn.Module):
+    """A sum bag table fed a 1-D id list whose length varies from batch to batch (33, 35, 36 ids: one padded count,
+    so one plan for the three steps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.EmbeddingBag(100, 6, mode="sum")
+        self.bottom = torch.nn.Linear(6, 5)
+        self.towers = torch.nn.ModuleList(torch.nn.Linear(5, 1) for _ in range(T))
+        self.calls = 0
+
+    def shared_parameters(self):
+        return [self.table.weight, *self.bottom.parameters()]
+
+    def losses(self, items, labels):
+        count = (33, 35, 36)[self.calls % 3]
+        self.calls += 1
+        gen = torch.Generator().manual_seed(self.calls)
+        ids = torch.randint(0, 100, (count,), generator=gen)
+        offsets = torch.sort(torch.randint(0, count, (8,), generator=gen)).values
+        offsets[0] = 0
+        h = torch.tanh(self.bottom(self.table(ids.to(items.device), offsets.to(items.device))))
+        out = [
+            torch.nn.functional.binary_cross_entropy_with_logits(tower(h).squeeze(-1), labels[:8, t])
+            for t, tower in enumerate(self.towers)
+        ]
+        return out, h
+
+
 def _steps(model_cls, device, backend, shared_output, sparse=False):
     """Two warm-up steps (buckets and plans built), then a third under the watcher, which must build nothing."""
     torch.manual_seed(0)
@@ -152,7 +181,9 @@ DEVICE_BACKENDS = [
 @pytest.mark.usefixtures("bottom_backward")  # CUDA's batched bottom and CPU's per-task one, on every device
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shared_output", [False, True], ids=["plain", "shared_output"])
-@pytest.mark.parametrize("model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender, _Bags])
+@pytest.mark.parametrize(
+    "model_cls", [SharedBottom, MMoE, TwoOutputs, EmbeddingCases, _Recommender, _Bags, _VariableBags]
+)
 def test_a_steady_state_step_reads_no_tensor_value_on_the_host(model_cls, shared_output, device, backend):
     """And copies nothing between host and device (on CUDA: the conditions for capturing it in a CUDA graph)."""
     model = _steps(model_cls, device, backend, shared_output)
