@@ -66,17 +66,20 @@ def count(kind: str, sparse: bool, variant: str, device: str, batch: int, rows: 
     batches = table_batches(kind, batch, device, rows)
     balancer = MetaBalance(model.shared_parameters())
     counter = _CountOps()
-    capture_shared.BOTTOM_BACKWARD = {}  # every device as CUDA: the batched bottom
-    for step, data in enumerate(batches[:3]):
-        model.zero_grad(set_to_none=True)
-        losses, h = model.losses_and_shared(data) if variant == "shared_output" else (model.losses(data), None)
-        with counter if step == 2 else contextlib.nullcontext():
-            if variant == "vanilla":
-                sum(losses).backward()
-            elif variant == "plain":
-                balancer.step(losses)
-            else:
-                balancer.step(losses, shared_output=h)
+    default, capture_shared.BOTTOM_BACKWARD = capture_shared.BOTTOM_BACKWARD, {}  # every device as CUDA: batched
+    try:
+        for step, data in enumerate(batches[:3]):
+            model.zero_grad(set_to_none=True)
+            losses, h = model.losses_and_shared(data) if variant == "shared_output" else (model.losses(data), None)
+            with counter if step == 2 else contextlib.nullcontext():
+                if variant == "vanilla":
+                    sum(losses).backward()
+                elif variant == "plain":
+                    balancer.step(losses)
+                else:
+                    balancer.step(losses, shared_output=h)
+    finally:
+        capture_shared.BOTTOM_BACKWARD = default
     return sum(counter.counts.values())
 
 

@@ -385,6 +385,8 @@ def set_summed_grads(params: Sequence[torch.Tensor], sums: Sequence[GradientSum]
     for p, total in zip(params, sums):
         if total.total is None:
             p.grad = None
+        elif total.total.layout != torch.strided:  # a sparse gradient (a tower's sparse=True lookup): as autograd
+            p.grad = total.total if total.owned else total.total.clone()
         elif total.owned:
             p.grad = autograd_layout(p, total.total)
         else:
@@ -445,23 +447,27 @@ class Capture:
         for p, had in zip(self.others, self.others_saved):
             new = p.grad
             if had is not None:
-                if new is not None:
+                if new is not None and had.layout == new.layout == torch.strided:
                     accumulate_into.append(had)
                     accumulate_from.append(new)
+                elif new is not None:
+                    had = _accumulated(had, new)
                 p.grad = had
         if accumulate_into:
             torch._foreach_add_(accumulate_into, accumulate_from)
         for p, g in fresh:
             p.grad = g
         for p, had, g in zip(self.tables, self.tables_saved, table_grads):
-            if g is None or had is None:
-                p.grad = had if g is None else g
-            elif had.layout == torch.strided:
-                p.grad = had.add_(g)  # in place, as autograd accumulates into a dense gradient
-            elif g.layout == torch.strided:
-                p.grad = g.add_(had)  # a sparse gradient from before plus this step's dense one (ours to modify)
-            else:
-                p.grad = had + g
+            p.grad = had if g is None else (g if had is None else _accumulated(had, g))
+
+
+def _accumulated(had: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``had + g`` for a ``.grad`` from before the step and this step's gradient ``g`` (ours), either of them sparse."""
+    if had.layout == torch.strided:
+        return had.add_(g)  # in place, as autograd accumulates into a dense gradient
+    if g.layout == torch.strided:
+        return g.add_(had)  # a sparse gradient from before plus this step's dense one (ours to modify)
+    return had + g
 
 
 def task_passes(losses: Sequence[torch.Tensor], inputs: Sequence) -> Iterator[tuple[int, tuple]]:

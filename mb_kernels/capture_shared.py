@@ -188,10 +188,11 @@ BOTTOM_BACKWARD = {"cpu": "per_task"}
 
 def _bottom_gradients(
     shared: Sequence[torch.Tensor], per_task_h: list[list[torch.Tensor | None]], inputs: list
-) -> list[torch.Tensor | list[torch.Tensor] | None]:
+) -> list[torch.Tensor | list[torch.Tensor | None] | None]:
     """Each task's gradient at each of ``inputs`` (leaves and lookup edges below ``shared``) from its gradients at
     ``shared`` (:data:`BOTTOM_BACKWARD`): a ``[T, ...]`` tensor per input from one batched backward, or a list of T
-    tensors from one backward per task; None: not reached. The last (or only) backward frees the graph."""
+    tensors (None: zero, as a custom Function may return for one task) from one backward per task; None: not
+    reached by any task. The last (or only) backward frees the graph."""
     num_tasks = len(per_task_h)
     per_task = [[g if g is not None else torch.zeros_like(h) for g, h in zip(row, shared)] for row in per_task_h]
     if BOTTOM_BACKWARD.get(shared[0].device.type, "batched") == "per_task":
@@ -201,7 +202,7 @@ def _bottom_gradients(
             )
             for task, cotangents in enumerate(per_task)
         ]
-        return [None if grads[0] is None else list(grads) for grads in zip(*results)]
+        return [None if all(g is None for g in grads) else list(grads) for grads in zip(*results)]
     cotangents = [torch.stack(column) for column in zip(*per_task)]
     try:
         return list(
@@ -273,7 +274,8 @@ def capture_task_grads_through(
                     elif isinstance(g, torch.Tensor):
                         block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
                     else:
-                        torch._foreach_copy_(list(block), [task_grad.reshape(size) for task_grad in g])
+                        for row, task_grad in zip(block, g):
+                            row.zero_() if task_grad is None else row.copy_(task_grad.reshape(size))
                     hit[i] = g is not None
             for bucket in tables:
                 for i, p in enumerate(bucket.params):

@@ -328,3 +328,37 @@ def test_a_balanced_parameter_frozen_later_keeps_its_grad():
     model.embedding.weight.requires_grad_(False)
     losses, h = model.losses(torch.tensor([5, 6]))
     mb.step(losses, shared_output=h)
+
+
+@pytest.mark.parametrize("shared_output", [False, True])
+def test_a_sparse_table_in_a_tower_gets_its_sparse_gradient(shared_output):
+    """A non-balanced nn.Embedding(sparse=True) (a task's own table) gets what sum(losses).backward() gives: a
+    sparse gradient, accumulated onto the one from before (was: copy_ between dense and sparse)."""
+    torch.manual_seed(3)
+    model = nn.ModuleDict(
+        {
+            "shared": nn.Embedding(10, 4),
+            "bottom": nn.Linear(4, 4),
+            "own": nn.Embedding(7, 4, sparse=True),
+            "tower": nn.Linear(4, 1),
+        }
+    ).double()
+    twin = copy.deepcopy(model)
+
+    def losses(m, step):
+        h = torch.tanh(m["bottom"](m["shared"](torch.tensor([1, 2, 3 + step]))))
+        own = m["own"](torch.tensor([0, 1, 1]))
+        return [
+            (h * own).sum(),
+            m["tower"](h).pow(2).sum(),
+            (m["own"](torch.tensor([4, step])).sum() + h.sum()) ** 2,
+        ], h
+
+    mb = MetaBalance([model["shared"].weight, *model["bottom"].parameters()], relax_factor=0.0)
+    for step in range(2):  # .grad never zeroed: the second step accumulates onto the first
+        out, h = losses(model, step)
+        mb.step(out, shared_output=h if shared_output else None)
+        sum(losses(twin, step)[0]).backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert p.grad.layout == q.grad.layout, name
+            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), rtol=1e-12, atol=1e-14)

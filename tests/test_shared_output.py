@@ -569,3 +569,47 @@ def test_a_backward_that_branches_on_values_runs_only_per_task(bottom_backward):
             assert torch.equal(got, want)
         for p in model.shared_parameters():
             assert torch.equal(mb.state[p]["norm_ema"], averages[id(p)])
+
+
+class _ZeroAsNone(torch.autograd.Function):
+    """The identity, whose backward returns None (autograd's zero) for an all-zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None if not bool(grad.any()) else grad
+
+
+@pytest.mark.parametrize("idle_task", [0, 2])
+def test_a_task_whose_backward_gives_none_in_the_bottom(bottom_backward, idle_task):
+    """A task that does not reach h gets a zero gradient there; a custom Function turns it into None for that task
+    only. Per task: the other tasks' gradients all count (as in the plain step); batched: a clear error."""
+    torch.manual_seed(6)
+    embedding, bottom = nn.Embedding(40, 6).double(), nn.Linear(6, 8).double()
+    towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)]).double()
+    shared = [embedding.weight, *bottom.parameters()]
+    mb, mb_twin = MetaBalance(shared, relax_factor=0.5, beta=0.9), MetaBalance(shared, relax_factor=0.5, beta=0.9)
+    items, labels = _batch(0)
+
+    def losses():
+        h = _ZeroAsNone.apply(torch.tanh(bottom(embedding(items))))
+        out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(towers)]
+        out[idle_task] = towers[idle_task].weight.pow(2).sum()  # reaches no balanced parameter, not h
+        return out, h
+
+    mb_twin.step(losses()[0])
+    expected = [p.grad.clone() for p in shared]
+    for p in [*shared, *towers.parameters()]:
+        p.grad = None
+    out, h = losses()
+    if bottom_backward == "batched":
+        with pytest.raises(RuntimeError, match="batched backward through the shared bottom failed"):
+            mb.step(out, shared_output=h)
+        assert all(p.grad is None for p in shared)
+        return
+    mb.step(out, shared_output=h)
+    for p, want in zip(shared, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-15)
