@@ -56,6 +56,10 @@ class SharedPlan:
     """Every leaf below ``shared`` (the balanced parameters this step reaches)."""
     edges: list[tuple]
     """The ``(node, leaf)`` edges below ``shared`` (:func:`~mb_kernels.capture.leaf_edges`)."""
+    joined_by: list[str]
+    """When the towers are not separate only because the losses read parts of one tensor computed from every tower
+    (:func:`_splitting_joins`): the names of the nodes where they meet. The towers then take one pass per loss, each
+    through every tower; reading each loss from its own tower's output makes that one pass."""
 
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> str:
@@ -99,6 +103,7 @@ def plan_through(
     functions = [{node for node in walk.nodes if not hasattr(node, "variable")} for walk in walks]
     separate = not cut_roots and sum(map(len, functions)) == len(set().union(*functions))
     tower_consumers = [walk.cut_consumers for walk in walks] if separate else None
+    joined_by = [] if separate or cut_roots else _splitting_joins(losses, functions)
     above = list(above.values())
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
@@ -130,7 +135,48 @@ def plan_through(
         sparse_gradient_params(edges, balanced_ids),
         set(below),
         edges,
+        joined_by,
     )
+
+
+# Autograd functions that only cut, join or reshape tensors: where the losses first meet above `shared` at such a
+# node, each loss reads its part of one tensor computed from every tower (e.g. the towers' logits concatenated).
+_SPLITTING_NODES = (
+    "CatBackward",
+    "StackBackward",
+    "SelectBackward",
+    "SliceBackward",
+    "SplitBackward",
+    "SplitWithSizesBackward",
+    "UnbindBackward",
+    "ViewBackward",
+    "UnsafeViewBackward",
+    "ReshapeAliasBackward",
+    "SqueezeBackward",
+    "UnsqueezeBackward",
+    "TBackward",
+    "TransposeBackward",
+    "PermuteBackward",
+    "IndexBackward",
+    "NarrowBackward",
+)
+
+
+def _splitting_joins(losses: Sequence[torch.Tensor], functions: list[set]) -> list[str]:
+    """The names of the nodes where the losses' graphs above ``shared`` first meet (a node two losses reach, taken
+    from a node one loss reaches, or a loss's own node), when every one of them only cuts, joins or reshapes
+    tensors; else ``[]`` (the losses share real computation, e.g. one head for all tasks, and each loss must be
+    backpropagated through it on its own)."""
+    reached_by: dict = {}
+    for nodes in functions:
+        for node in nodes:
+            reached_by[node] = reached_by.get(node, 0) + 1
+    meets = {loss.grad_fn for loss in losses if reached_by.get(loss.grad_fn, 0) > 1}
+    for node, count in reached_by.items():
+        if count == 1:
+            meets.update(child for child, _ in node.next_functions if reached_by.get(child, 0) > 1)
+    names = sorted({type(node).__name__ for node in meets})
+    return names if names and all(name.startswith(_SPLITTING_NODES) for name in names) else []
 
 
 def _tower_gradients(

@@ -366,6 +366,15 @@ class MetaBalance(torch.optim.Optimizer):
             self._warn_about_tables_kept_dense(
                 edges if plan is None else plan.edges, balanced, lookups, row_ids, num_tasks
             )
+            if plan is not None and plan.joined_by:
+                warnings.warn(
+                    f"MetaBalance.step(shared_output=...): the losses meet above shared_output only at "
+                    f"{', '.join(plan.joined_by)}: each reads its part of one tensor computed from every tower (e.g. "
+                    "the towers' outputs concatenated before the losses take their columns), so each loss is "
+                    f"backpropagated through every tower ({num_tasks} passes of all towers). Compute each loss from "
+                    "its own tower's output: then one pass goes through the towers.",
+                    stacklevel=3,
+                )
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]

@@ -613,3 +613,33 @@ def test_a_task_whose_backward_gives_none_in_the_bottom(bottom_backward, idle_ta
     mb.step(out, shared_output=h)
     for p, want in zip(shared, expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-15)
+
+
+class _ConcatenatedLogits(SharedBottom):
+    """Separate towers whose logits are concatenated, each loss reading its column (as a model's forward often
+    returns them): every loss reaches every tower through the cat."""
+
+    def losses(self, items, labels):
+        h = self.bottom(self.embedding(items))
+        logits = torch.cat([t(h) for t in self.towers], dim=-1)
+        return [F.binary_cross_entropy_with_logits(logits[:, i], labels[:, i]) for i in range(T)], h
+
+
+@pytest.mark.parametrize("model_cls", [_ConcatenatedLogits, SharedBottom, MMoE, TwoOutputs, HTwicePerTower])
+def test_losses_that_split_one_tensor_of_all_towers_are_reported_once(model_cls):
+    """The towers then take one pass per loss, each through every tower (a slow path that reading each loss from its
+    own tower's output avoids): a warning on the first step, naming the node. Separate towers and a head shared by
+    every loss (TwoOutputs: real shared computation) get none."""
+    torch.manual_seed(7)
+    model = model_cls().double()
+    mb = MetaBalance(model.shared_parameters())
+    for step in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses, h = model.losses(*_batch(step))
+            mb.step(losses, shared_output=h)
+        reported = [str(w.message) for w in caught if "meet above shared_output" in str(w.message)]
+        if model_cls is _ConcatenatedLogits and step == 0:
+            assert len(reported) == 1 and "CatBackward" in reported[0] and "own tower's output" in reported[0]
+        else:
+            assert reported == []
