@@ -107,11 +107,12 @@ else
   parallel=""
   # The tier's float64 truths are computed on the CPU: spread them over the cores when pytest-xdist is there.
   "$py" -c "import xdist" 2>/dev/null && parallel="-n 12"
-  # The files of the paths never run on CUDA yet first (pytest drops the repeated paths; xdist hands tests out in
-  # collection order), so that they have run if the tier hits its time limit.
+  # The files of the paths never run on CUDA yet first, then the others (pytest keeps the order of the files it is
+  # given, and xdist hands tests out in that order), so that they have run if the tier hits its time limit.
   first="tests/test_row_tables.py tests/test_host_reads.py tests/test_shared_output.py tests/test_sparse_tables.py"
   first+=" tests/test_embedding_bags.py tests/test_extreme_norms.py tests/test_hardening.py"
-  test_args=${GPU_CHECK_TEST_ARGS:-"-m gpu $first tests -q $parallel"}
+  rest=$(for f in tests/test_*.py; do [[ " $first " == *" $f "* ]] || printf '%s ' "$f"; done)
+  test_args=${GPU_CHECK_TEST_ARGS:-"-m gpu $first $rest-q $parallel"}
   # Build only for this GPU (faster than every architecture); MAX_JOBS for ninja's parallel compiles.
   arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}
