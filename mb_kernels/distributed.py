@@ -118,8 +118,10 @@ class DistributedSync:
 
     def gather_rows(self, bucket: RowBucket) -> None:
         """Replace every table's parts in ``bucket`` by all ranks' rows, divided by the world size: the tables'
-        global per-task gradients (the mean over ranks, as for the workspaces), in every mode. Each rank's rows are
-        padded to the longest with the "no row" id; sizes are exchanged first (one host read)."""
+        global per-task gradients (the mean over ranks, as for the workspaces), in every mode. Sizes are exchanged
+        first (one host read); then the reached tables' rows of a rank, each padded to the longest rank's with the
+        "no row" id, travel packed in one tensor of ids and one of values: two collectives per bucket, whatever
+        the number of tables."""
         num_tables = len(bucket.params)
         rows = [bucket.rows_of(i) for i in range(num_tables)]
         sizes = torch.tensor([[int(bool(bucket.parts[i])), ids.numel()] for i, (ids, _) in enumerate(rows)])
@@ -127,21 +129,31 @@ class DistributedSync:
         every = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(every, sizes, group=self.group)
         per_rank = torch.stack(every).tolist()  # [rank][table] = (reached, ids)
-        for i, (ids, values) in enumerate(rows):
-            bucket.parts[i] = []
-            if not any(rank[i][0] for rank in per_rank):
-                continue  # no task reached the table on any rank
-            longest = max(rank[i][1] for rank in per_rank)
-            no_row = bucket.params[i].shape[0]
-            padded_ids = torch.full((longest,), no_row, dtype=torch.int64, device=bucket.device)
-            padded_ids[: ids.numel()] = ids
-            padded = values.new_zeros(bucket.num_tasks, longest, bucket.width)
-            padded[:, : ids.numel()] = values
-            all_ids = [torch.empty_like(padded_ids) for _ in range(self.world_size)]
-            all_values = [torch.empty_like(padded) for _ in range(self.world_size)]
-            dist.all_gather(all_ids, padded_ids, group=self.group)
-            dist.all_gather(all_values, padded, group=self.group)
-            bucket.add_shared_rows(i, torch.cat(all_ids), torch.cat(all_values, dim=1).div_(self.world_size))
+        # No task reached a table on any rank: it gets no part (the same on every rank).
+        longest = {i: max(r[i][1] for r in per_rank) for i in range(num_tables) if any(r[i][0] for r in per_rank)}
+        total = sum(longest.values())
+        packed_ids = torch.empty(total, dtype=torch.int64, device=bucket.device)
+        packed = torch.zeros(bucket.num_tasks, total, bucket.width, dtype=bucket.dtype, device=bucket.device)
+        start = 0
+        for i, k in longest.items():
+            ids, values = rows[i]
+            packed_ids[start : start + ids.numel()] = ids
+            packed_ids[start + ids.numel() : start + k] = bucket.params[i].shape[0]  # "no row"
+            packed[:, start : start + ids.numel()] = values
+            start += k
+        all_ids, all_values = [packed_ids], [packed]
+        if total > 0:
+            all_ids = [torch.empty_like(packed_ids) for _ in range(self.world_size)]
+            all_values = [torch.empty_like(packed) for _ in range(self.world_size)]
+            dist.all_gather(all_ids, packed_ids, group=self.group)
+            dist.all_gather(all_values, packed, group=self.group)
+        bucket.clear()
+        start = 0
+        for i, k in longest.items():
+            ids = torch.cat([rank_ids[start : start + k] for rank_ids in all_ids])
+            values = torch.cat([rank_values[:, start : start + k] for rank_values in all_values], dim=1)
+            bucket.add_shared_rows(i, ids, values.div_(self.world_size))
+            start += k
 
     def wrap(self, balance: BalanceFn) -> BalanceFn:
         """The balancing step with this mode's collectives: ``exact`` averages the ``[T, N]`` workspace in one
