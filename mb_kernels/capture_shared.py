@@ -43,9 +43,9 @@ class SharedPlan:
     """Non-balanced leaves below ``shared`` (none of them is also a tower leaf: refused)."""
     lookups: dict[int, list]
     """``{id(table): [lookup node, ...]}``: balanced tables the bottom reaches through lookups only (``nn.Embedding``;
-    ``nn.EmbeddingBag`` in sum or mean mode: :func:`~mb_kernels.capture.lookup_only_tables`). The batched backward
-    stops at each lookup's output (a ``[T, rows, d]`` or ``[T, bags, d]`` gradient) instead of running the dense
-    ``[V, d]`` embedding backward once per task."""
+    ``nn.EmbeddingBag`` in sum or mean mode: :func:`~mb_kernels.capture.lookup_only_tables`). The bottom's backward
+    stops at each lookup's output (each task's ``[rows, d]`` or ``[bags, d]`` gradient: one ``[T, ...]`` tensor when
+    batched) instead of running the dense ``[V, d]`` embedding backward once per task."""
     tower_consumers: list[list[tuple]] | None
     """When no autograd function above ``shared`` is reached from two losses (towers apart, losses distinct): per
     loss, the ``(node, input index, shared index)`` edges by which its graph takes ``shared``. Then one backward
