@@ -238,9 +238,17 @@ def _bottom_gradients(
     """Each task's gradient at each of ``inputs`` (leaves and lookup edges below ``shared``) from its gradients at
     ``shared`` (:data:`BOTTOM_BACKWARD`): a ``[T, ...]`` tensor per input from one batched backward, or a list of T
     tensors (None: zero, as a custom Function may return for one task) from one backward per task; None: not
-    reached by any task. The last (or only) backward frees the graph."""
+    reached by any task. The last (or only) backward frees the graph. A shared tensor no task's gradient reaches is
+    left out (no zero cotangent for it): what lies only below it keeps ``.grad`` None, as with the plain step."""
     num_tasks = len(per_task_h)
-    per_task = [[g if g is not None else torch.zeros_like(h) for g, h in zip(row, shared)] for row in per_task_h]
+    used = [i for i in range(len(shared)) if any(row[i] is not None for row in per_task_h)]
+    if not used:
+        return [None] * len(inputs)
+    shared = [shared[i] for i in used]
+    per_task = [
+        [row[i] if row[i] is not None else torch.zeros_like(shared[j]) for j, i in enumerate(used)]
+        for row in per_task_h
+    ]
     if BOTTOM_BACKWARD.get(shared[0].device.type, "batched") == "per_task":
         results = [
             torch.autograd.grad(

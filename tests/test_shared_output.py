@@ -643,3 +643,18 @@ def test_losses_that_split_one_tensor_of_all_towers_are_reported_once(model_cls)
             assert len(reported) == 1 and "CatBackward" in reported[0] and "own tower's output" in reported[0]
         else:
             assert reported == []
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_shared_output_no_loss_uses_gives_no_gradient(sparse):
+    """Two shared branches, the losses read one: the other branch's parameters keep .grad None, as with the plain
+    step and sum(losses).backward() (a zero gradient would move them under Adam's momentum or weight decay)."""
+    torch.manual_seed(8)
+    used, unused = nn.Embedding(40, 4, sparse=sparse).double(), nn.Embedding(40, 4, sparse=sparse).double()
+    layer, towers = nn.Linear(4, 4).double(), nn.ModuleList([nn.Linear(4, 1) for _ in range(T)]).double()
+    mb = MetaBalance([used.weight, unused.weight, *layer.parameters()])
+    items = _batch(0)[0]
+    a, b = torch.tanh(layer(used(items))), unused(items)
+    mb.step([t(a).pow(2).mean() * (i + 1) for i, t in enumerate(towers)], shared_output=[a, b])
+    assert unused.weight.grad is None
+    assert used.weight.grad is not None and layer.weight.grad is not None
