@@ -152,6 +152,8 @@ def lookup_only_tables(
 
 # A table this large balanced through the [T, N] workspace is worth a warning (T full-size gradients per step).
 WORKSPACE_WARNING_ELEMENTS = 1 << 20
+TABLE_ASPECT = 8
+COMPILED_REGION = "a torch.compile'd region"
 
 
 def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: dict[int, list]) -> list[tuple]:
@@ -159,14 +161,20 @@ def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: d
     the graph of ``edges`` looks up but that cannot be balanced by rows (so each task's full ``[V, d]`` gradient
     goes through the workspace): also used otherwise, or looked up in a way whose rows the step cannot take. A
     table left dense because a step looks up more ids than it has rows is not listed (the workspace is the cheaper
-    there)."""
+    there). A table-shaped tensor (at least :data:`TABLE_ASPECT` times as many rows as columns) that a
+    ``torch.compile``'d region takes is listed with the reason :data:`COMPILED_REGION`: the region is one autograd
+    node to the step, so any lookup inside it is out of sight."""
     looked_up: dict[int, torch.Tensor] = {}
     reasons: dict[int, set[str]] = {}
     for node, leaf in edges:
         key = id(leaf)
         if key not in balanced_ids or key in lookups or leaf.dim() != 2 or leaf.numel() < WORKSPACE_WARNING_ELEMENTS:
             continue
-        if type(node).__name__ in _LOOKUP_NODES:
+        if type(node).__name__.startswith("CompiledFunctionBackward"):
+            if leaf.shape[0] >= TABLE_ASPECT * leaf.shape[1]:
+                looked_up[key] = leaf
+                reasons.setdefault(key, set()).add(COMPILED_REGION)
+        elif type(node).__name__ in _LOOKUP_NODES:
             looked_up[key] = leaf
             if getattr(node, "_saved_sparse", False):
                 continue  # a sparse table: balanced by rows, or refused with an error of its own

@@ -87,8 +87,9 @@ def plan_through(
         if others and any(walk_graph([h], others).reached_cut):
             raise ValueError(
                 "MetaBalance.step: a tensor of shared_output is computed from another one; pass "
-                "tensors that do not depend on each other (e.g. only the outer one, if the towers read both, "
-                "call step(losses) without shared_output)"
+                "tensors that do not depend on each other. A model whose towers or gates read the shared bottom at "
+                "two depths (e.g. MMoE gates fed by the shared embeddings as well as the experts' outputs) cannot "
+                "use shared_output: call step(losses) without it"
             )
     # Each loss's graph above `shared` on its own: whether the towers share any node decides how the tower
     # gradients are taken (capture_task_grads_through).
@@ -107,14 +108,23 @@ def plan_through(
     above = list(above.values())
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
+    # A torch.compile'd region is one autograd node: shared_output computed inside it is no boundary of the graph.
+    compiled = any(type(node).__name__.startswith("CompiledFunctionBackward") for walk in walks for node in walk.nodes)
+    hint = (
+        " (the losses come from a torch.compile'd region, one autograd node to the step: compile the bottom and the "
+        "towers separately, so that shared_output lies between them)"
+        if compiled
+        else ""
+    )
     if leaking:
         raise ValueError(
             f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {_shapes(leaking)} without passing "
             "through shared_output; pass every tensor the towers take from the shared bottom (a sequence is "
-            "accepted), or call step(losses) without shared_output"
+            "accepted) if none of them is computed from another, else (e.g. MMoE gates that read the shared "
+            f"embeddings the experts read) call step(losses) without shared_output{hint}"
         )
     if not any(reached_shared):
-        raise ValueError("MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output")
+        raise ValueError(f"MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output{hint}")
     edges = list(leaf_edges(shared))
     below = {id(leaf): leaf for _, leaf in edges}
     if not any(key in balanced_ids for key in below):

@@ -13,6 +13,7 @@ import torch
 from .backends.contract import STRATEGIES, SUPPORTED_DTYPES, BalanceFn, Hyperparameters, state_dtype
 from .backends.reference import balance_weights
 from .capture import (
+    COMPILED_REGION,
     Bucket,
     capture_task_grads,
     leaf_edges,
@@ -448,6 +449,16 @@ class MetaBalance(torch.optim.Optimizer):
         workspace (a full ``[V, d]`` gradient per task) because something besides its lookups uses it."""
         for table, reasons in tables_kept_dense(edges, balanced, lookups):
             if id(table) in row_ids:
+                continue
+            if COMPILED_REGION in reasons:
+                warnings.warn(
+                    f"MetaBalance: the balanced tensor of shape {tuple(table.shape)} is used inside a torch.compile'd "
+                    "region, which the step sees as one autograd node. If it is an embedding table, its lookups are "
+                    f"out of sight, so it goes through a dense per-task workspace ({tasks}x its size per step) "
+                    "instead of being balanced by its looked-up rows: leave the embedding lookups outside the "
+                    "compiled region (compile the layers after them, e.g. the bottom MLP and the towers).",
+                    stacklevel=3,
+                )
                 continue
             warnings.warn(
                 f"MetaBalance: the embedding table of shape {tuple(table.shape)} is balanced through a dense "

@@ -658,3 +658,41 @@ def test_a_shared_output_no_loss_uses_gives_no_gradient(sparse):
     mb.step([t(a).pow(2).mean() * (i + 1) for i, t in enumerate(towers)], shared_output=[a, b])
     assert unused.weight.grad is None
     assert used.weight.grad is not None and layer.weight.grad is not None
+
+
+def test_a_compiled_region_that_hides_the_lookups_is_reported():
+    """torch.compile makes a whole forward one autograd node: a table looked up inside it cannot be balanced by rows
+    (a warning says so and what to do), and shared_output computed inside it is no boundary (the error says why).
+    Compiling only the layers after the lookups keeps both working."""
+    torch.manual_seed(9)
+    table, layer = nn.Embedding(1 << 17, 8), nn.Linear(8, 8)
+    towers = nn.ModuleList([nn.Linear(8, 1) for _ in range(T)])
+    items = torch.randint(0, 1 << 17, (64,))
+
+    def whole(ids):
+        h = torch.relu(layer(table(ids)))
+        return [t(h).pow(2).mean() for t in towers], h
+
+    def after_lookups(x):
+        h = torch.relu(layer(x))
+        return [t(h).pow(2).mean() for t in towers], h
+
+    torch._dynamo.reset()
+    compiled = torch.compile(whole, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mb = MetaBalance([table.weight, *layer.parameters()])
+        mb.step(compiled(items)[0])
+    reports = [str(w.message) for w in caught if "torch.compile'd region" in str(w.message)]
+    assert len(reports) == 1 and "(131072, 8)" in reports[0] and "outside the compiled region" in reports[0]
+    losses, h = compiled(items)
+    with pytest.raises(ValueError, match="compile the bottom and the towers separately"):
+        MetaBalance([table.weight, *layer.parameters()]).step(losses, shared_output=h)
+    compiled_after = torch.compile(after_lookups, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mb = MetaBalance([table.weight, *layer.parameters()])
+        mb.step(compiled_after(table(items))[0])
+    assert not [w for w in caught if "torch.compile'd region" in str(w.message)]
+    assert [p for _, bucket in mb._tables for p in bucket.params] == [table.weight]  # balanced by rows
+    torch._dynamo.reset()
