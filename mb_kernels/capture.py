@@ -30,7 +30,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from .backends.contract import state_dtype
-from .layout import FlatLayout
+from .layout import FlatLayout, autograd_layout, fresh_grad_strides
 from .tables import RowBucket, TableRows, first_present, norm_ema_from_rows, sorted_runs
 
 
@@ -156,6 +156,11 @@ TABLE_ASPECT = 8
 COMPILED_REGION = "a torch.compile'd region"
 
 
+def is_compiled_region(node) -> bool:
+    """Whether an autograd node is a ``torch.compile``'d region (one node to the step, whatever it holds)."""
+    return type(node).__name__.startswith("CompiledFunctionBackward")
+
+
 def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: dict[int, list]) -> list[tuple]:
     """``(table, reason)`` for the balanced dense 2-D tables of at least :data:`WORKSPACE_WARNING_ELEMENTS` that
     the graph of ``edges`` looks up but that cannot be balanced by rows (so each task's full ``[V, d]`` gradient
@@ -170,7 +175,7 @@ def tables_kept_dense(edges: Sequence[tuple], balanced_ids: set[int], lookups: d
         key = id(leaf)
         if key not in balanced_ids or key in lookups or leaf.dim() != 2 or leaf.numel() < WORKSPACE_WARNING_ELEMENTS:
             continue
-        if type(node).__name__.startswith("CompiledFunctionBackward"):
+        if is_compiled_region(node):
             if leaf.shape[0] >= TABLE_ASPECT * leaf.shape[1]:
                 looked_up[key] = leaf
                 reasons.setdefault(key, set()).add(COMPILED_REGION)
@@ -267,7 +272,7 @@ def _bag_rows(node, grads: torch.Tensor | Sequence[torch.Tensor | None], table: 
     return TableRows(torch.where(valid, ids, table.shape[0]), source, bag, weight)
 
 
-def _collect_dense(
+def collect_dense(
     buckets: Sequence[Bucket], grads: Sequence[torch.Tensor | None], task: int, reached: list[list[bool]]
 ) -> None:
     """Copy this pass's gradients of the buckets' params (in bucket order) into workspace row ``task``."""
@@ -347,18 +352,6 @@ def walk_graph(roots: Sequence[torch.Tensor], cut_at: Sequence[torch.Tensor] = (
     return GraphWalk(list(leaves.values()), reached_cut, seen, consumers)
 
 
-def autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` with the strides autograd gives a fresh gradient of ``p``: the parameter's own when it is dense
-    and non-overlapping (channels_last, transposed), else contiguous. Fused optimizers (Adam(fused=True)) pair
-    a parameter's and its gradient's memory element by element, so the layouts must agree."""
-    if grad.stride() == p.stride() or p.numel() <= 1:
-        return grad
-    fresh = torch.empty_like(p, memory_format=torch.preserve_format)
-    if fresh.stride() == grad.stride():
-        return grad
-    return fresh.copy_(grad)
-
-
 class GradientSum:
     """The plain sum of a non-balanced leaf's gradients over the passes, handed to ``.grad`` as autograd's
     AccumulateGrad would: a tensor of the parameter's own (owned, dense) layout (:func:`set_summed_grads`)."""
@@ -374,13 +367,6 @@ class GradientSum:
             self.total = g
         else:
             self.total, self.owned = self.total + g, True  # the order autograd accumulates in
-
-
-def _fresh_strides(p: torch.Tensor) -> tuple[int, ...]:
-    """The strides autograd gives a fresh gradient of ``p`` (:func:`autograd_layout`), without allocating."""
-    if p.is_contiguous():
-        return p.stride()  # dense and non-overlapping: a fresh gradient takes the parameter's strides
-    return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()
 
 
 def set_summed_grads(params: Sequence[torch.Tensor], sums: Sequence[GradientSum]) -> None:
@@ -403,7 +389,7 @@ def set_summed_grads(params: Sequence[torch.Tensor], sums: Sequence[GradientSum]
         buffer = torch.empty(sum(p.numel() for p, _ in pairs), dtype=dtype, device=device)
         views, start = [], 0
         for p, _ in pairs:
-            views.append(buffer[start : start + p.numel()].as_strided(p.shape, _fresh_strides(p), start))
+            views.append(buffer[start : start + p.numel()].as_strided(p.shape, fresh_grad_strides(p), start))
             start += p.numel()
         torch._foreach_copy_(views, [g for _, g in pairs])
         for (p, _), view in zip(pairs, views):
@@ -533,7 +519,7 @@ def capture_task_grads(
         for task, grads in task_passes(losses, inputs):
             with torch.no_grad():
                 by_param = dict(zip(map(id, dense), grads[: len(dense)]))
-                _collect_dense(buckets, [by_param.get(id(p)) for p in dense_all], task, capture.reached)
+                collect_dense(buckets, [by_param.get(id(p)) for p in dense_all], task, capture.reached)
                 grads = grads[len(dense) :]
                 for total, g in zip(sums, grads[: len(sums)]):
                     total.add(g)

@@ -21,6 +21,8 @@ from .capture import (
     Bucket,
     Capture,
     GradientSum,
+    collect_dense,
+    is_compiled_region,
     leaf_edges,
     lookup_only_tables,
     lookup_rows,
@@ -56,10 +58,15 @@ class SharedPlan:
     """Every leaf below ``shared`` (the balanced parameters this step reaches)."""
     edges: list[tuple]
     """The ``(node, leaf)`` edges below ``shared`` (:func:`~mb_kernels.capture.leaf_edges`)."""
-    joined_by: list[str]
-    """When the towers are not separate only because the losses read parts of one tensor computed from every tower
-    (:func:`_splitting_joins`): the names of the nodes where they meet. The towers then take one pass per loss, each
-    through every tower; reading each loss from its own tower's output makes that one pass."""
+    towers_joined: tuple[list, list[set]] | None
+    """When the towers are not separate (and no loss is a shared tensor): the losses' nodes and each loss's autograd
+    functions above ``shared``, for :meth:`splitting_joins` (read when a layout is built, not every step)."""
+
+    def splitting_joins(self) -> list[str]:
+        """The names of the nodes where the losses meet above ``shared`` when they only cut, join or reshape
+        tensors (:func:`_splitting_joins`): the towers then take one pass per loss, each through every tower, where
+        reading each loss from its own tower's output makes that one pass. Else ``[]``."""
+        return [] if self.towers_joined is None else _splitting_joins(*self.towers_joined)
 
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> str:
@@ -104,26 +111,18 @@ def plan_through(
     functions = [{node for node in walk.nodes if not hasattr(node, "variable")} for walk in walks]
     separate = not cut_roots and sum(map(len, functions)) == len(set().union(*functions))
     tower_consumers = [walk.cut_consumers for walk in walks] if separate else None
-    joined_by = [] if separate or cut_roots else _splitting_joins(losses, functions)
     above = list(above.values())
     towers = [leaf for leaf in above if id(leaf) not in balanced_ids]
     leaking = [leaf for leaf in above if id(leaf) in balanced_ids]
-    # A torch.compile'd region is one autograd node: shared_output computed inside it is no boundary of the graph.
-    compiled = any(type(node).__name__.startswith("CompiledFunctionBackward") for walk in walks for node in walk.nodes)
-    hint = (
-        " (the losses come from a torch.compile'd region, one autograd node to the step: compile the bottom and the "
-        "towers separately, so that shared_output lies between them)"
-        if compiled
-        else ""
-    )
     if leaking:
         raise ValueError(
             f"MetaBalance.step: a loss reaches balanced parameter(s) of shape {_shapes(leaking)} without passing "
             "through shared_output; pass every tensor the towers take from the shared bottom (a sequence is "
             "accepted) if none of them is computed from another, else (e.g. MMoE gates that read the shared "
-            f"embeddings the experts read) call step(losses) without shared_output{hint}"
+            f"embeddings the experts read) call step(losses) without shared_output{_compiled_hint(walks)}"
         )
     if not any(reached_shared):
+        hint = _compiled_hint(walks)
         raise ValueError(f"MetaBalance.step: no loss depends on shared_output; pass the shared bottom's output{hint}")
     edges = list(leaf_edges(shared))
     below = {id(leaf): leaf for _, leaf in edges}
@@ -145,8 +144,19 @@ def plan_through(
         sparse_gradient_params(edges, balanced_ids),
         set(below),
         edges,
-        joined_by,
+        None if separate or cut_roots else ([loss.grad_fn for loss in losses], functions),
     )
+
+
+def _compiled_hint(walks: Sequence) -> str:
+    """What to add to an error when the losses come from a torch.compile'd region: one autograd node to the step,
+    so a ``shared_output`` computed inside it is no boundary of the graph (looked for only when raising)."""
+    if any(is_compiled_region(node) for walk in walks for node in walk.nodes):
+        return (
+            " (the losses come from a torch.compile'd region, one autograd node to the step: compile the bottom and "
+            "the towers separately, so that shared_output lies between them)"
+        )
+    return ""
 
 
 # Autograd functions that only cut, join or reshape tensors: where the losses first meet above `shared` at such a
@@ -172,7 +182,7 @@ _SPLITTING_NODES = (
 )
 
 
-def _splitting_joins(losses: Sequence[torch.Tensor], functions: list[set]) -> list[str]:
+def _splitting_joins(loss_nodes: list, functions: list[set]) -> list[str]:
     """The names of the nodes where the losses' graphs above ``shared`` first meet (a node two losses reach, taken
     from a node one loss reaches, or a loss's own node), when every one of them only cuts, joins or reshapes
     tensors; else ``[]`` (the losses share real computation, e.g. one head for all tasks, and each loss must be
@@ -181,7 +191,7 @@ def _splitting_joins(losses: Sequence[torch.Tensor], functions: list[set]) -> li
     for nodes in functions:
         for node in nodes:
             reached_by[node] = reached_by.get(node, 0) + 1
-    meets = {loss.grad_fn for loss in losses if reached_by.get(loss.grad_fn, 0) > 1}
+    meets = {node for node in loss_nodes if reached_by.get(node, 0) > 1}
     for node, count in reached_by.items():
         if count == 1:
             meets.update(child for child, _ in node.next_functions if reached_by.get(child, 0) > 1)
@@ -244,11 +254,11 @@ BOTTOM_BACKWARD = {"cpu": "per_task"}
 
 def _bottom_gradients(
     shared: Sequence[torch.Tensor], per_task_h: list[list[torch.Tensor | None]], inputs: list
-) -> list[torch.Tensor | list[torch.Tensor | None] | None]:
+) -> list[list[torch.Tensor | None] | None]:
     """Each task's gradient at each of ``inputs`` (leaves and lookup edges below ``shared``) from its gradients at
-    ``shared`` (:data:`BOTTOM_BACKWARD`): a ``[T, ...]`` tensor per input from one batched backward, or a list of T
-    tensors (None: zero, as a custom Function may return for one task) from one backward per task; None: not
-    reached by any task. The last (or only) backward frees the graph. A shared tensor no task's gradient reaches is
+    ``shared`` (:data:`BOTTOM_BACKWARD`): per input, T tensors (None: zero, as a custom Function may return for one
+    task), from one backward per task or as views of one batched backward's ``[T, ...]`` result; None: not reached
+    by any task. The last (or only) backward frees the graph. A shared tensor no task's gradient reaches is
     left out (no zero cotangent for it): what lies only below it keeps ``.grad`` None, as with the plain step."""
     num_tasks = len(per_task_h)
     used = [i for i in range(len(shared)) if any(row[i] is not None for row in per_task_h)]
@@ -269,8 +279,8 @@ def _bottom_gradients(
         return [None if all(g is None for g in grads) else list(grads) for grads in zip(*results)]
     cotangents = [torch.stack(column) for column in zip(*per_task)]
     try:
-        return list(
-            torch.autograd.grad(list(shared), inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True)
+        results = torch.autograd.grad(
+            list(shared), inputs, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
         )
     except RuntimeError as err:
         raise RuntimeError(
@@ -278,6 +288,7 @@ def _bottom_gradients(
             "a custom autograd.Function whose backward branches on a value, or an operation without a vmap rule); "
             f"compute the losses again and call step(losses) without shared_output for this model. Cause: {err}"
         ) from err
+    return [None if g is None else list(g.unbind(0)) for g in results]
 
 
 def capture_task_grads_through(
@@ -320,27 +331,15 @@ def capture_task_grads_through(
         results = _bottom_gradients(shared, per_task_h, [*dense, *bottom_others, *edges])
         dense_grads = dict(zip((id(p) for p in dense), results[: len(dense)]))
         row_grads = dict(zip(lookup_nodes, results[len(dense) + len(bottom_others) :]))
-        num_tasks = len(losses)
 
         def lookups_of(p: torch.Tensor) -> list[TableRows]:
             found = [(node, row_grads[node]) for node in lookups.get(id(p), [])]
             return [lookup_rows(node, g, p) for node, g in found if g is not None]
 
         with torch.no_grad():
-            for bucket, hit in zip(buckets, capture.reached):
-                start = 0
-                for i, (p, size) in enumerate(zip(bucket.params, bucket.layout.sizes)):
-                    block = bucket.task_grads[:, start : start + size]  # tensor i's T rows
-                    start += size
-                    g = dense_grads.get(id(p))
-                    if g is None:
-                        block.zero_()
-                    elif isinstance(g, torch.Tensor):
-                        block.copy_(g.reshape(num_tasks, size))  # one strided copy of T rows
-                    else:
-                        for row, task_grad in zip(block, g):
-                            row.zero_() if task_grad is None else row.copy_(task_grad.reshape(size))
-                    hit[i] = g is not None
+            per_param = [dense_grads.get(id(p)) for bucket in buckets for p in bucket.params]
+            for task in range(len(losses)):  # each task's row of the workspaces, as the plain step's passes fill it
+                collect_dense(buckets, [None if g is None else g[task] for g in per_param], task, capture.reached)
             for bucket in tables:
                 for i, p in enumerate(bucket.params):
                     for part in lookups_of(p):
@@ -348,7 +347,7 @@ def capture_task_grads_through(
             set_summed_grads(towers, tower_sums)
             bottom_sums = [GradientSum() for _ in bottom_others]
             for total, g in zip(bottom_sums, results[len(dense) : len(dense) + len(bottom_others)]):
-                for task_grad in [] if g is None else g:  # a [T, ...] tensor or T tensors: summed over the tasks
+                for task_grad in [] if g is None else g:  # summed over the tasks
                     total.add(task_grad)
             set_summed_grads(bottom_others, bottom_sums)
     except BaseException:

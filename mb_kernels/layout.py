@@ -1,5 +1,6 @@
 """The flat layout of one bucket: where each balanced tensor lives in the ``[T, N]`` workspace, and the GPU work
-table (chunk table) derived from it, built in one place for both GPU backends."""
+table (chunk table) derived from it, built in one place for both GPU backends; and the memory layout autograd gives
+a fresh gradient, which every ``.grad`` the step hands out follows."""
 
 from __future__ import annotations
 
@@ -71,3 +72,19 @@ class FlatLayout:
         table = torch.stack([tensor, begin, end, first[tensor], count[tensor]], dim=1).contiguous().to(device)
         self.cache[key] = table
         return table
+
+
+def fresh_grad_strides(p: torch.Tensor) -> tuple[int, ...]:
+    """The strides autograd gives a fresh gradient of ``p`` (:func:`autograd_layout`), without allocating."""
+    if p.is_contiguous():
+        return p.stride()  # dense and non-overlapping: a fresh gradient takes the parameter's strides
+    return torch.empty_like(p, device="meta", memory_format=torch.preserve_format).stride()
+
+
+def autograd_layout(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the strides autograd gives a fresh gradient of ``p``: the parameter's own when it is dense
+    and non-overlapping (channels_last, transposed), else contiguous. Fused optimizers (Adam(fused=True)) pair
+    a parameter's and its gradient's memory element by element, so the layouts must agree."""
+    if grad.stride() == p.stride() or p.numel() <= 1 or grad.stride() == fresh_grad_strides(p):
+        return grad
+    return torch.empty_like(p, memory_format=torch.preserve_format).copy_(grad)

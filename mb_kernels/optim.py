@@ -21,7 +21,7 @@ from .capture import (
     sparse_gradient_params,
     tables_kept_dense,
 )
-from .capture_shared import capture_task_grads_through, plan_through
+from .capture_shared import SharedPlan, capture_task_grads_through, plan_through
 from .dispatch import resolve_backends
 from .distributed import DistributedSync
 from .tables import RowBucket, row_buckets
@@ -364,18 +364,9 @@ class MetaBalance(torch.optim.Optimizer):
         fresh = buckets_with_groups is None or self._built_for != layout_key
         if fresh:
             buckets_with_groups, tables_with_groups = self._build_buckets(num_tasks, sparse_ids, row_ids - sparse_ids)
-            self._warn_about_tables_kept_dense(
-                edges if plan is None else plan.edges, balanced, lookups, row_ids, num_tasks
+            self._warn_about_slow_paths(
+                plan, edges if plan is None else plan.edges, balanced, lookups, row_ids, num_tasks
             )
-            if plan is not None and plan.joined_by:
-                warnings.warn(
-                    f"MetaBalance.step(shared_output=...): the losses meet above shared_output only at "
-                    f"{', '.join(plan.joined_by)}: each reads its part of one tensor computed from every tower (e.g. "
-                    "the towers' outputs concatenated before the losses take their columns), so each loss is "
-                    f"backpropagated through every tower ({num_tasks} passes of all towers). Compute each loss from "
-                    "its own tower's output: then one pass goes through the towers.",
-                    stacklevel=3,
-                )
         buckets = [bucket for _, bucket in buckets_with_groups]
         tables = [table for _, table in tables_with_groups]
         previous_ema = [b.norm_ema.clone() for b in buckets] + [table.norm_ema.clone() for table in tables]
@@ -442,11 +433,28 @@ class MetaBalance(torch.optim.Optimizer):
             rows, sparse = self._ddp.agree_on_row_tables(params, rows, sparse, reached)
         return frozenset(rows), frozenset(sparse & rows)
 
-    def _warn_about_tables_kept_dense(
-        self, edges: list[tuple], balanced: set[int], lookups: dict[int, list], row_ids: frozenset[int], tasks: int
+    def _warn_about_slow_paths(
+        self,
+        plan: SharedPlan | None,
+        edges: list[tuple],
+        balanced: set[int],
+        lookups: dict[int, list],
+        row_ids: frozenset[int],
+        tasks: int,
     ) -> None:
         """When the layout is built: warn about each large looked-up table that goes through the ``[T, N]``
-        workspace (a full ``[V, d]`` gradient per task) because something besides its lookups uses it."""
+        workspace (a full ``[V, d]`` gradient per task) because something besides its lookups uses it or a compiled
+        region hides them, and about losses that split one tensor of all towers (``shared_output``)."""
+        joins = [] if plan is None else plan.splitting_joins()
+        if joins:
+            warnings.warn(
+                f"MetaBalance.step(shared_output=...): the losses meet above shared_output only at "
+                f"{', '.join(joins)}: each reads its part of one tensor computed from every tower (e.g. "
+                "the towers' outputs concatenated before the losses take their columns), so each loss is "
+                f"backpropagated through every tower ({tasks} passes of all towers). Compute each loss from "
+                "its own tower's output: then one pass goes through the towers.",
+                stacklevel=4,
+            )
         for table, reasons in tables_kept_dense(edges, balanced, lookups):
             if id(table) in row_ids:
                 continue

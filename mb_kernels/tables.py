@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends.contract import BalanceFn, Hyperparameters, state_dtype
-from .layout import FlatLayout
+from .layout import FlatLayout, autograd_layout
 
 # Per bucket, the layouts of recent (padded) id counts: bounded, as counts may vary.
 _PLAN_CACHE_SIZE = 16
@@ -257,9 +257,7 @@ class RowBucket:
                 continue
             dense = torch.zeros(p.shape[0] + 1, self.width, dtype=self.dtype, device=self.device)
             dense = dense.index_add_(0, dense_ids[begin : begin + k], rows[begin : begin + k])[:-1]
-            if dense.stride() != p.stride():  # a fresh gradient has the parameter's strides (as autograd's)
-                dense = torch.empty_like(p, memory_format=torch.preserve_format).copy_(dense)
-            results.append(dense)
+            results.append(autograd_layout(p, dense))
         return results
 
     def _group_rows(self, plan: _GroupPlan, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

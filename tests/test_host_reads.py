@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from experiments.recsys.model import MultiTaskNCF
 from mb_kernels import MetaBalance
 from mb_kernels.dispatch import available_backends
+from tests.models import IdentityWithBackward
 from tests.test_embedding_bags import Bags
 from tests.test_embedding_bags import _batch as _bag_batch
 from tests.test_shared_output import EmbeddingCases, MMoE, SharedBottom, T, TwoOutputs, _batch
@@ -199,22 +200,15 @@ def test_sparse_tables_take_their_one_host_read(shared_output):
         _steps(_Recommender, "cpu", "cpu", shared_output, sparse=True)
 
 
-class _NonzeroInBackward(torch.autograd.Function):
-    """The identity, whose backward reads a value on the host (the op half of the watcher must see it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        torch.nonzero(grad)
-        return grad
+def _read_nonzero(grad):
+    """A backward that reads a value on the host (the op half of the watcher must see it)."""
+    torch.nonzero(grad)
+    return grad
 
 
 class _SyncingBottom(SharedBottom):
     def losses(self, items, labels):
-        h = _NonzeroInBackward.apply(self.bottom(self.embedding(items)))
+        h = IdentityWithBackward.apply(self.bottom(self.embedding(items)), _read_nonzero)
         out = [
             torch.nn.functional.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i])
             for i, t in enumerate(self.towers)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mb_kernels import MetaBalance
-from tests.models import assert_same_step
+from tests.models import IdentityWithBackward, assert_same_step
 
 # Every test here runs with both ways of backpropagating the shared bottom (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("bottom_backward")
@@ -571,16 +571,9 @@ def test_a_backward_that_branches_on_values_runs_only_per_task(bottom_backward):
             assert torch.equal(mb.state[p]["norm_ema"], averages[id(p)])
 
 
-class _ZeroAsNone(torch.autograd.Function):
-    """The identity, whose backward returns None (autograd's zero) for an all-zero gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None if not bool(grad.any()) else grad
+def _zero_as_none(grad):
+    """None (autograd's zero) for an all-zero gradient."""
+    return None if not bool(grad.any()) else grad
 
 
 @pytest.mark.parametrize("idle_task", [0, 2])
@@ -595,7 +588,7 @@ def test_a_task_whose_backward_gives_none_in_the_bottom(bottom_backward, idle_ta
     items, labels = _batch(0)
 
     def losses():
-        h = _ZeroAsNone.apply(torch.tanh(bottom(embedding(items))))
+        h = IdentityWithBackward.apply(torch.tanh(bottom(embedding(items))), _zero_as_none)
         out = [F.binary_cross_entropy_with_logits(t(h).squeeze(-1), labels[:, i]) for i, t in enumerate(towers)]
         out[idle_task] = towers[idle_task].weight.pow(2).sum()  # reaches no balanced parameter, not h
         return out, h
